@@ -1,0 +1,27 @@
+# One venv, created on first use; every target below runs inside it.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+CONFIG ?= smollm2-demo
+
+.PHONY: install test lint demo clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo 'no tests collected'; exit 0; fi; exit $$rc
+
+lint: install
+	$(VENV)/bin/ruff check falcon feature_store pipelines jobs tests
+
+demo: install
+	$(PY) -m pipelines.demo --config $(CONFIG)
+
+clean:
+	rm -rf $(VENV) .cache runs data

@@ -1,0 +1,1 @@
+"""Ray / DeepSpeed / MLflow pipelines around the pure-torch `falcon` package."""
