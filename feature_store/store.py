@@ -1,0 +1,362 @@
+"""FeatureStore: create/open a store, write shards, read samples by global index, split, verify.
+
+Store layout (at a local path or any fsspec URL):
+
+    store.json          StoreMetadata (schema version, target fingerprint, tokenizer, sizes, dtypes, config)
+    manifest.parquet    one row per committed shard (see MANIFEST_SCHEMA); derived, rebuildable
+    shards/shard-00000/ one Zarr v3 group per shard, committed atomically (see feature_store.shard)
+
+The per-shard commit records are the source of truth: opening a store scans them, and
+`commit_manifest()` rebuilds `manifest.parquet` from them, so a killed writer can never leave a
+manifest that lists a shard that is not fully written. The manifest is for people and tools
+(pandas, DuckDB, `python -m feature_store.inspect`) and for `verify()` to notice shards that vanished.
+
+Samples are numbered globally in shard-id order, then in their order inside the shard. The view of
+which shards exist is taken when the store is opened (and refreshed by `commit_manifest()`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+from tqdm.auto import tqdm
+
+from feature_store.schema import StoreMetadata, StoreMismatchError, decode_hidden
+from feature_store.shard import (
+    CHECKSUM_ORDER,
+    SHARDS_DIR,
+    ShardRecord,
+    array_checksum,
+    partial_shard_names,
+    sample_ids_checksum,
+    scan_commit_records,
+    shard_checksum,
+    write_shard,
+)
+from feature_store.storage import Location
+
+METADATA_FILE = "store.json"
+MANIFEST_FILE = "manifest.parquet"
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("shard_id", pa.int64()),
+        ("name", pa.string()),
+        ("n_samples", pa.int64()),
+        ("n_tokens", pa.int64()),
+        ("n_loss_tokens", pa.int64()),
+        ("nbytes", pa.int64()),  # stored bytes of the shard's files
+        ("checksum", pa.string()),  # sha256 over the shard's array checksums (see feature_store.shard)
+    ]
+)
+
+
+@dataclass
+class VerifyReport:
+    """Outcome of `FeatureStore.verify()`; `ok` is False when any shard is corrupt or missing."""
+
+    checked: list[str] = field(default_factory=list)  # committed shards whose data was re-read
+    corrupt: dict[str, str] = field(default_factory=dict)  # shard name -> what is wrong
+    missing: list[str] = field(default_factory=list)  # listed in manifest.parquet, no longer committed
+    unlisted: list[str] = field(default_factory=list)  # committed, absent from manifest.parquet
+    partial: list[str] = field(default_factory=list)  # uncommitted leftovers of killed writers (harmless)
+
+    @property
+    def ok(self) -> bool:
+        return not self.corrupt and not self.missing
+
+    def __str__(self) -> str:
+        lines = [f"verified {len(self.checked)} shard(s): {'OK' if self.ok else 'FAILED'}"]
+        lines += [f"  corrupt {name}: {reason}" for name, reason in sorted(self.corrupt.items())]
+        lines += [f"  missing {name} (listed in {MANIFEST_FILE})" for name in self.missing]
+        if self.unlisted:
+            lines.append(
+                f"  {len(self.unlisted)} committed shard(s) not in {MANIFEST_FILE}; run commit_manifest()"
+            )
+        if self.partial:
+            lines.append(f"  {len(self.partial)} partial leftover(s), ignored: {', '.join(self.partial[:5])}")
+        return "\n".join(lines)
+
+
+class FeatureStore:
+    """A feature store at a URL. Build with `FeatureStore.create` or `FeatureStore.open`.
+
+    Picklable and cheap to ship to Ray or DataLoader workers: open Zarr handles are not pickled.
+    """
+
+    def __init__(self, location: Location, metadata: StoreMetadata):
+        self.location = location
+        self.metadata = metadata
+        self._set_shards(scan_commit_records(location))
+
+    @classmethod
+    def create(
+        cls,
+        url: str,
+        metadata: StoreMetadata,
+        *,
+        exist_ok: bool = True,
+        storage_options: dict[str, Any] | None = None,
+    ) -> FeatureStore:
+        """Create a store, or with `exist_ok` reopen one whose metadata is exactly `metadata`."""
+        location = Location(url, storage_options)
+        if location.exists(location.path(METADATA_FILE)):
+            if not exist_ok:
+                raise FileExistsError(f"a feature store already exists at {url}")
+            existing = _read_metadata(location)
+            differences = existing.differences(metadata)
+            if differences:
+                raise StoreMismatchError(
+                    f"feature store at {url} was created with different metadata (stored != requested):\n  "
+                    + "\n  ".join(differences)
+                    + "\nwrite to a new store URL, or delete this store to re-extract"
+                )
+            return cls(location, existing)
+        location.makedirs(location.path(SHARDS_DIR))
+        location.write_json(location.path(METADATA_FILE), metadata.to_dict())
+        return cls(location, metadata)
+
+    @classmethod
+    def open(
+        cls,
+        url: str,
+        *,
+        expect_fingerprint: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> FeatureStore:
+        """Open an existing store; refuse it if it holds features of another target than expected."""
+        location = Location(url, storage_options)
+        metadata = _read_metadata(location)
+        if expect_fingerprint is not None and metadata.target_fingerprint != expect_fingerprint:
+            raise StoreMismatchError(
+                f"feature store at {url} holds features of target {metadata.target_fingerprint!r}, "
+                f"but target {expect_fingerprint!r} was expected; extract features for this target into a new store"
+            )
+        return cls(location, metadata)
+
+    @property
+    def url(self) -> str:
+        return self.location.url
+
+    def __repr__(self) -> str:
+        return f"FeatureStore({self.url!r}, shards={len(self._shards)}, samples={self.num_samples})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_arrays"] = {}  # zarr handles hold event-loop state; reopen them in the new process
+        return state
+
+    # --- writing -------------------------------------------------------------------------------
+
+    def committed_shards(self) -> set[int]:
+        """Ids of the shards committed right now (re-scanned on every call): the extraction job skips these."""
+        return {record.shard_id for record in scan_commit_records(self.location)}
+
+    def write_shard(self, shard_id: int, samples: Sequence[Mapping[str, Any]]) -> ShardRecord:
+        """Validate and atomically write one shard; see `feature_store.shard.write_shard`.
+
+        Each sample maps `sample_id` (str), `input_ids` [T], `loss_mask` [T], `hidden_states` [T, hidden_size]
+        and, when topk > 0, `topk_values` [T, topk] (logits), `topk_indices` [T, topk], `logsumexp` [T],
+        as numpy arrays or torch tensors of any int/float dtype. Safe to call from a Ray worker.
+        Does not change this object's read view; reopen the store or call `commit_manifest()`.
+        """
+        return write_shard(self.location, self.metadata, shard_id, samples)
+
+    def commit_manifest(self) -> list[ShardRecord]:
+        """Rebuild `manifest.parquet` from the commit records, refresh the read view, return the records."""
+        records = scan_commit_records(self.location)
+        rows = [{name: getattr(r, name) for name in MANIFEST_SCHEMA.names} for r in records]
+        table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        self.location.write_bytes(self.location.path(MANIFEST_FILE), buffer.getvalue())
+        self._set_shards(records)
+        return records
+
+    def read_manifest(self) -> pa.Table | None:
+        """The last manifest written by `commit_manifest()`, or None if there is none yet."""
+        try:
+            return pq.read_table(io.BytesIO(self.location.fs.cat_file(self.location.path(MANIFEST_FILE))))
+        except FileNotFoundError:
+            return None
+
+    def remove_partial_shards(self) -> list[str]:
+        """Delete leftovers of killed writers. Call only while no writer is running; returns the names."""
+        names = partial_shard_names(self.location)
+        for name in names:
+            self.location.remove(self.location.path(SHARDS_DIR, name))
+        return names
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def _set_shards(self, records: Sequence[ShardRecord]) -> None:
+        self._shards = tuple(records)
+        self._sample_starts = np.cumsum([0] + [r.n_samples for r in records])  # [n_shards + 1]
+        self._arrays: dict[int, dict[str, zarr.Array]] = {}
+        self._offsets: dict[int, np.ndarray] = {}
+        self._sample_ids: dict[int, list[str]] = {}
+
+    @property
+    def shards(self) -> tuple[ShardRecord, ...]:
+        return self._shards
+
+    @property
+    def num_samples(self) -> int:
+        return int(self._sample_starts[-1])
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(r.n_tokens for r in self._shards)
+
+    def _shard_arrays(self, pos: int) -> dict[str, zarr.Array]:
+        if pos not in self._arrays:
+            path = self.location.path(SHARDS_DIR, self._shards[pos].name)
+            group = zarr.open_group(self.location.zarr_store(path, read_only=True), mode="r")
+            names = ("sample_ids", "offsets", *self.metadata.token_arrays())
+            self._arrays[pos] = {name: group[name] for name in names}
+        return self._arrays[pos]
+
+    def _shard_offsets(self, pos: int) -> np.ndarray:
+        if pos not in self._offsets:
+            self._offsets[pos] = self._shard_arrays(pos)["offsets"][...]
+        return self._offsets[pos]
+
+    def _shard_sample_ids(self, pos: int) -> list[str]:
+        if pos not in self._sample_ids:
+            self._sample_ids[pos] = self._shard_arrays(pos)["sample_ids"][...].tolist()
+        return self._sample_ids[pos]
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        """Global sample index -> (shard position in the view, sample index inside that shard)."""
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"sample index {index} out of range for a store of {self.num_samples} samples")
+        pos = int(np.searchsorted(self._sample_starts, index, side="right")) - 1
+        return pos, int(index - self._sample_starts[pos])
+
+    def sample(self, index: int, start: int = 0, stop: int | None = None) -> dict[str, Any]:
+        """Sample `index` (tokens `start:stop` of it) as numpy arrays.
+
+        Keys: sample_index, sample_id, input_ids int32 [T], loss_mask uint8 [T], hidden_states [T, h]
+        (float16 for float16 stores; float32, exact, for bfloat16 stores since numpy has no bfloat16),
+        and with topk > 0: topk_values [T, k], topk_indices int32 [T, k], logsumexp float32 [T].
+        """
+        pos, local = self._locate(index)
+        offsets = self._shard_offsets(pos)
+        begin, length = int(offsets[local]), int(offsets[local + 1] - offsets[local])
+        stop = length if stop is None else stop
+        if not 0 <= start < stop <= length:
+            raise IndexError(
+                f"token range [{start}, {stop}) is invalid for sample {index} of {length} tokens"
+            )
+        arrays = self._shard_arrays(pos)
+        out: dict[str, Any] = {"sample_index": index, "sample_id": self._shard_sample_ids(pos)[local]}
+        for name in self.metadata.token_arrays():
+            out[name] = arrays[name][begin + start : begin + stop]
+        out["hidden_states"] = decode_hidden(out["hidden_states"], self.metadata.hidden_dtype)
+        return out
+
+    def sample_lengths(self) -> np.ndarray:
+        """Token count of every sample, by global index (int64 [num_samples])."""
+        lengths = [np.diff(self._shard_offsets(pos)) for pos in range(len(self._shards))]
+        return np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
+
+    def sample_ids(self) -> list[str]:
+        """Id of every sample, by global index."""
+        return [sid for pos in range(len(self._shards)) for sid in self._shard_sample_ids(pos)]
+
+    def split(self, eval_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Deterministic (train_indices, eval_indices) of global sample indices.
+
+        A sample goes to eval when sha256(seed, sample_id) mapped to [0, 1) is below eval_fraction,
+        so its side never changes when shards are added or reordered; the eval share is eval_fraction
+        in expectation, not exactly.
+        """
+        if not 0.0 <= eval_fraction <= 1.0:
+            raise ValueError(f"eval_fraction must be in [0, 1], got {eval_fraction}")
+        is_eval = np.array([_unit_hash(seed, sid) < eval_fraction for sid in self.sample_ids()], dtype=bool)
+        return np.flatnonzero(~is_eval), np.flatnonzero(is_eval)
+
+    def token_counts(self, indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        """How often each token id occurs at loss-masked positions (int64 [vocab_size]).
+
+        Pass the training indices to build a reduced draft vocabulary without looking at eval data.
+        """
+        selected = None
+        if indices is not None:
+            selected = np.zeros(self.num_samples, dtype=bool)
+            selected[np.asarray(indices, dtype=np.int64)] = True
+        counts = np.zeros(self.metadata.vocab_size, dtype=np.int64)
+        for pos in tqdm(range(len(self._shards)), desc="token counts", unit="shard"):
+            arrays = self._shard_arrays(pos)
+            keep = arrays["loss_mask"][...].astype(bool)
+            if selected is not None:
+                chosen = selected[self._sample_starts[pos] : self._sample_starts[pos + 1]]  # [n_samples]
+                keep &= np.repeat(chosen, np.diff(self._shard_offsets(pos)))  # [n_tokens]
+            counts += np.bincount(arrays["input_ids"][...][keep], minlength=self.metadata.vocab_size)
+        return counts
+
+    # --- checking ------------------------------------------------------------------------------
+
+    def verify(self) -> VerifyReport:
+        """Re-read every committed shard, recompute its checksums, and compare with records and manifest."""
+        records = scan_commit_records(self.location)
+        manifest = self.read_manifest()
+        listed = {row["name"]: row for row in manifest.to_pylist()} if manifest is not None else {}
+        report = VerifyReport(partial=partial_shard_names(self.location))
+        for record in tqdm(records, desc="verify", unit="shard"):
+            report.checked.append(record.name)
+            problem = self._check_shard(record)
+            if (
+                problem is None
+                and record.name in listed
+                and listed[record.name]["checksum"] != record.checksum
+            ):
+                problem = f"{MANIFEST_FILE} checksum differs from the commit record"
+            if problem is not None:
+                report.corrupt[record.name] = problem
+        committed = {r.name for r in records}
+        report.missing = sorted(set(listed) - committed)
+        report.unlisted = sorted(committed - set(listed))
+        return report
+
+    def _check_shard(self, record: ShardRecord) -> str | None:
+        path = self.location.path(SHARDS_DIR, record.name)
+        computed: dict[str, str] = {}
+        try:
+            group = zarr.open_group(self.location.zarr_store(path, read_only=True), mode="r")
+            computed["sample_ids"] = sample_ids_checksum(group["sample_ids"][...].tolist())
+            for name in ("offsets", *self.metadata.token_arrays()):
+                array = group[name]
+                rows = array.chunks[0] * 16  # stream: a shard's hidden states may not fit in memory
+                blocks = (array[i : i + rows] for i in range(0, array.shape[0], rows))
+                computed[name] = array_checksum(name, np.dtype(array.dtype), array.shape, blocks)
+        except (
+            Exception
+        ) as exc:  # damaged data can fail in many ways (crc, codec, missing key); all mean corrupt
+            return f"unreadable: {type(exc).__name__}: {exc}"
+        bad = [name for name in CHECKSUM_ORDER if computed.get(name) != record.array_checksums.get(name)]
+        if bad:
+            return f"checksum mismatch in {', '.join(bad)}"
+        if shard_checksum(computed) != record.checksum:
+            return "shard checksum differs from the commit record"
+        return None
+
+
+def _read_metadata(location: Location) -> StoreMetadata:
+    try:
+        values = location.read_json(location.path(METADATA_FILE))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no feature store at {location.url} (no {METADATA_FILE})") from None
+    return StoreMetadata.from_dict(values, where=f"feature store at {location.url}")
+
+
+def _unit_hash(seed: int, sample_id: str) -> float:
+    digest = hashlib.sha256(f"{seed}\0{sample_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
