@@ -24,7 +24,6 @@ from falcon.drafter import Drafter, check_drafter_matches, relaxed_causal_mask
 from falcon.tree import Tree, TreeConfig, build_tree, tree_attention_mask
 
 
-
 @dataclass
 class SamplingConfig:
     temperature: float = 0.0  # 0: greedy

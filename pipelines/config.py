@@ -79,7 +79,7 @@ def _build(cls: type[T], values: dict[str, Any], where: str) -> T:
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}".lstrip(".")) for k, v in values.items()}
     try:
         return cls(**kwargs)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:  # missing fields, or a __post_init__ check
         raise ConfigError(f"{where or cls.__name__}: {exc}") from None
 
 
