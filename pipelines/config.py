@@ -129,3 +129,24 @@ def parse_job_args(cls: type[T], description: str, argv: list[str] | None = None
     except ConfigError as exc:
         parser.exit(2, f"config error: {exc}\n")
     return config, args
+
+
+def load_section(cls: type[T], path: str | Path, section: str, overrides: list[str] | None = None) -> T:
+    """Build `cls` from the `section:` mapping of a YAML file shared by several jobs, plus overrides.
+
+    One file per config name holds every job's section (`extract:`, `train:`, ...); each job reads its
+    own and ignores the others. Overrides are relative to the section (`store=x`; `extract.store=x` too).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    loaded = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(loaded, dict) or not isinstance(loaded.get(section), dict):
+        raise ConfigError(f"{path}: no '{section}:' section (a mapping) at the top level")
+    values = loaded[section]
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        _set_path(values, key.strip().removeprefix(f"{section}."), yaml.safe_load(raw) if raw != "" else "")
+    return _build(cls, values, section)
