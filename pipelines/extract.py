@@ -72,11 +72,16 @@ class GenerationConfig:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     seed: int = 0  # sampling seed; each record draws from its own generator seeded by (seed, id)
+    # Greedy replies are generated this many prompts at a time (left-padded): on CPU a batch of 16 costs
+    # little more per step than one prompt. Sampled replies go one by one, so a record's seed fixes its reply.
+    batch_size: int = 16
     actors: ActorPoolConfig = field(default_factory=ActorPoolConfig)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.batch_size < 1:
+            raise ValueError(f"generation.batch_size must be >= 1, got {self.batch_size}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
 
@@ -267,10 +272,13 @@ class GenerateReplies:
 
     def _generate_shard(self, shard_id: int, records: list[dict[str, Any]]) -> dict[str, Any]:
         started = time.perf_counter()
+        prompts = {record["id"]: self._prompt(record) for record in records}
+        prompts = {sample_id: prompt for sample_id, prompt in prompts.items() if prompt is not None}
+        replies = self._generate(prompts)
         entries = []
         for record in records:
-            generated = self._generate(record)
-            if generated is not None:
+            if record["id"] in replies:
+                generated = replies[record["id"]]
                 record["generated_ids"] = generated
                 entries.append({
                     "id": record["id"],
@@ -285,21 +293,60 @@ class GenerateReplies:
               f"({tokens / max(elapsed, 1e-9):.1f} tokens/s)", flush=True)
         return {"generated_replies": len(entries), "generated_tokens": tokens}
 
-    def _generate(self, record: dict[str, Any]) -> list[int] | None:
-        """The reply's token ids (ending with EOS unless cut at the cap), or None if none can be made."""
+    def _prompt(self, record: dict[str, Any]) -> tuple[list[int], int] | None:
+        """(prompt ids, reply budget) of a record that needs a reply and has room for one, else None."""
         if not needs_reply(record):
             return None
         prompt = tokenize_conversation(record["messages"], self.tokenizer, self.cfg.max_len, sample_id=record["id"])
         if isinstance(prompt, Rejected):
             return None  # rejected again, and counted, by the tokenise stage
         budget = min(self.cfg.generation.max_new_tokens, self.cfg.max_len - len(prompt["input_ids"]))
-        if budget < 1:
-            return None
-        generation = self.cfg.generation
-        sampling = SamplingConfig(generation.temperature, generation.top_p, record_seed(generation.seed, record["id"]))
-        input_ids = torch.as_tensor(prompt["input_ids"], dtype=torch.long)[None]  # (1, prompt)
-        result = autoregressive_generate(self.model, input_ids, budget, sorted(self.eos_token_ids), sampling)
-        return [int(token) for token in result.tokens]
+        return (prompt["input_ids"].tolist(), budget) if budget >= 1 else None
+
+    def _generate(self, prompts: dict[str, tuple[list[int], int]]) -> dict[str, list[int]]:
+        """{sample id: reply token ids, ending with EOS unless cut at the budget}."""
+        generation, eos = self.cfg.generation, sorted(self.eos_token_ids)
+        if generation.temperature == 0:
+            return greedy_replies(self.model, prompts, eos, generation.batch_size)
+        replies = {}
+        for sample_id, (prompt, budget) in prompts.items():
+            sampling = SamplingConfig(generation.temperature, generation.top_p, record_seed(generation.seed, sample_id))
+            input_ids = torch.as_tensor(prompt, dtype=torch.long)[None]  # (1, prompt)
+            replies[sample_id] = autoregressive_generate(self.model, input_ids, budget, eos, sampling).tokens
+        return replies
+
+
+def greedy_replies(model, prompts: dict[str, tuple[list[int], int]], eos_token_ids: list[int],
+                   batch_size: int) -> dict[str, list[int]]:
+    """Greedy replies to many prompts, `batch_size` at a time, left-padded, prompts of similar length together.
+
+    A batched reply can differ from the unbatched one where two logits are within float noise of each other
+    (padding changes the reduction order); either is the target's own greedy output, which is what the
+    drafter must learn. Each reply stops at its first EOS (kept) or at its own budget.
+    """
+    from transformers import GenerationConfig
+
+    order = sorted(prompts, key=lambda sample_id: len(prompts[sample_id][0]))
+    device = next(model.parameters()).device
+    replies = {}
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        longest = max(len(prompts[i][0]) for i in batch)
+        input_ids = torch.full((len(batch), longest), eos_token_ids[0], dtype=torch.long, device=device)  # (B, T)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, sample_id in enumerate(batch):
+            prompt = prompts[sample_id][0]
+            input_ids[row, longest - len(prompt):] = torch.as_tensor(prompt, device=device)
+            attention_mask[row, longest - len(prompt):] = 1
+        config = GenerationConfig(max_new_tokens=max(prompts[i][1] for i in batch), do_sample=False,
+                                  eos_token_id=eos_token_ids, pad_token_id=eos_token_ids[0])
+        with torch.inference_mode():
+            output = model.generate(input_ids, attention_mask=attention_mask, generation_config=config)
+        for row, sample_id in enumerate(batch):
+            reply = output[row, longest:].tolist()[: prompts[sample_id][1]]
+            ends = [i for i, token in enumerate(reply) if token in eos_token_ids]
+            replies[sample_id] = reply[: ends[0] + 1] if ends else reply
+    return replies
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ import yaml
 from falcon.drafter import DrafterMismatchError, load_drafter
 from falcon.generate import FalconDecoder, GenerationResult, SamplingConfig, autoregressive_generate
 from falcon.target import describe_target, load_target, target_fingerprint
+from pipelines.tracking import DEFAULT_TRACKING_URI, resolve_tracking_uri
 
 PACKAGE_FORMAT = 1
 DRAFTER_DIR = "drafter"
@@ -44,7 +45,6 @@ TARGET_FILE = "target.json"
 PACKAGE_FILE = "package.json"
 REPORT_FILE = "tree_report.json"
 PYFUNC_ARTIFACT = "package"  # the pyfunc's artifact key
-DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"
 
 # The pyfunc's predict parameters and their defaults (also its MLflow signature; see pipelines.packaging).
 PREDICT_PARAMS = {"max_new_tokens": 256, "temperature": 0.0, "top_p": 1.0, "seed": -1}
@@ -78,17 +78,6 @@ class FalconPackage:
 
 # ---------------------------------------------------------------------------------------------------
 # Locating a package
-
-
-def resolve_tracking_uri(uri: str | None = None) -> str:
-    """`uri`, else $MLFLOW_TRACKING_URI, else the project's SQLite registry; relative SQLite paths made absolute."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        path = Path(uri[len(prefix):]).resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return prefix + str(path)
-    return uri
 
 
 def find_package_dir(path: str | Path) -> Path:
@@ -136,8 +125,16 @@ def _registry_version(uri: str, tracking_uri: str) -> dict[str, Any]:
 def _download(uri: str, tracking_uri: str, destination: Path) -> Path:
     import mlflow
     from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
 
     try:
+        if uri.startswith("models:/"):
+            # Resolve the registered version to its artifact location through a client of THIS registry:
+            # download_artifacts' `tracking_uri=` does not reach the registry, which would then be the
+            # process default (a fresh ./mlflow.db) and not know the model.
+            version = _registry_version(uri, tracking_uri)
+            client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+            uri = client.get_model_version_download_uri(version["name"], str(version["version"]))
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(destination),
                                                         tracking_uri=tracking_uri))
     except MlflowException as error:

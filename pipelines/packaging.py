@@ -52,10 +52,9 @@ from pipelines.inference import (
     REPORT_FILE,
     TARGET_FILE,
     TREE_FILE,
-    DEFAULT_TRACKING_URI,
     PackageError,
-    resolve_tracking_uri,
 )
+from pipelines.tracking import DEFAULT_TRACKING_URI, ensure_experiment, resolve_tracking_uri
 from pipelines.tree_tuning import TreeTuningConfig, resolve_tree
 
 PYFUNC_FILE = Path(__file__).with_name("falcon_pyfunc.py")
@@ -203,17 +202,6 @@ def find_version(client, name: str, digest: str):
     """The newest version of `name` tagged with this content hash, or None."""
     versions = client.search_model_versions(f"name='{name}' and tags.`{CONTENT_HASH_TAG}` = '{digest}'")
     return max(versions, key=lambda v: int(v.version), default=None)
-
-
-def ensure_experiment(client, name: str, tracking_uri: str) -> str:
-    """The experiment's id; a new one keeps its artifacts beside a SQLite database (runs/mlartifacts)."""
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    artifact_location = None
-    if tracking_uri.startswith("sqlite:///"):
-        artifact_location = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-    return client.create_experiment(name, artifact_location=artifact_location)
 
 
 def publish(package_dir: Path, digest: str, *, model_name: str, alias: str, tracking_uri: str, experiment: str,

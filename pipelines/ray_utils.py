@@ -81,3 +81,98 @@ def ray_session(config: RayConfig) -> Iterator[None]:
     finally:
         if connected_here:
             ray.shutdown()
+
+
+def free_ports(n: int) -> list[int]:
+    """n TCP ports free on loopback right now."""
+    import socket
+
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@dataclass
+class RayHead:
+    address: str  # the job API (dashboard) URL, for `ray job submit --address`
+    env: dict[str, str]  # environment for the `ray` CLI and job clients
+    log_path: str
+
+
+@contextmanager
+def local_ray_head(log_path: str, num_cpus: int | None = None, timeout: float = 120) -> Iterator[RayHead]:
+    """A private Ray head on loopback, for `ray job submit`, stopped (with everything it started) on exit.
+
+    It runs as `ray start --head --block` in its own process group, so stopping it ends exactly this head's
+    processes (`ray stop` would also stop any other Ray on the machine). Every port is picked free, so it
+    can run beside another Ray. Ray 2.60 turns token auth on for local clusters; RAY_AUTH_MODE=token in
+    `env` makes job clients send the token too.
+    """
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    use_token_auth()
+    bin_dir = Path(sys.executable).parent
+    ports = dict(zip(["port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
+                      "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port",
+                      "node-manager-port", "object-manager-port"], free_ports(9), strict=True))
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    command = [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+               "--dashboard-host=127.0.0.1", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+               *(f"--{name}={port}" for name, port in ports.items())]
+    if num_cpus is not None:
+        command.append(f"--num-cpus={num_cpus}")
+    address = f"http://127.0.0.1:{ports['dashboard-port']}"
+    with open(log_path, "w") as log:
+        head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            _wait_for_job_api(address, head, log_path, timeout, env)
+            yield RayHead(address, env, log_path)
+        finally:
+            os.killpg(head.pid, signal.SIGTERM)  # --block: the head stops every process it started
+            try:
+                head.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(head.pid, signal.SIGKILL)
+                head.wait()
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def use_token_auth() -> None:
+    """Make this process's Ray clients send the local token (~/.ray/auth_token) that a head started by
+    `ray start` requires. Ray caches the auth mode when it is first imported, so setting RAY_AUTH_MODE
+    later is not enough: the cached config is refreshed the way Ray itself does on `ray.init`."""
+    from ray._raylet import Config
+
+    os.environ["RAY_AUTH_MODE"] = "token"
+    Config.initialize("")
+
+
+def _wait_for_job_api(address: str, head, log_path: str, timeout: float, env: dict[str, str]) -> None:
+    import time
+    from pathlib import Path
+
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start exited with {head.returncode}:\n{Path(log_path).read_text()[-3000:]}")
+        try:
+            JobSubmissionClient(address).list_jobs()
+            return
+        except Exception as exc:  # connection refused until the dashboard is up
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Ray job API at {address} not up after {timeout:.0f} s: {exc}") from exc
+            time.sleep(1)

@@ -79,6 +79,7 @@ from torch import nn
 from falcon.csgd import CSGDConfig, csgd_eval_metrics, csgd_step
 from falcon.drafter import Drafter, DrafterConfig, build_draft_vocab, save_drafter
 from pipelines.ray_utils import RayConfig
+from pipelines.tracking import ensure_experiment, resolve_tracking_uri
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LR_SCHEDULES = ("constant", "cosine")
@@ -283,16 +284,6 @@ def _array_digest(array: np.ndarray | None) -> str | None:
 def resolve_local(path: str) -> str:
     """Absolute form of a local path (workers may run in another directory); URLs unchanged."""
     return path if "://" in path else str(Path(path).expanduser().resolve())
-
-
-def resolve_tracking_uri(uri: str) -> str:
-    """`sqlite:///relative.db` made absolute, its folder created; other URIs unchanged."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        path = Path(uri[len(prefix):]).resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return prefix + str(path)
-    return uri
 
 
 def prepare_run(config: TrainConfig, *, fresh: bool = False) -> TrainPlan:
@@ -891,15 +882,7 @@ def open_mlflow_run(plan: TrainPlan) -> str | None:
         run_id = id_file.read_text().strip()
         client.update_run(run_id, status="RUNNING")
         return run_id
-    name = plan.config.mlflow.experiment
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        experiment_id = experiment.experiment_id
-    else:
-        artifacts = None
-        if plan.mlflow_tracking_uri.startswith("sqlite:///"):  # artifacts beside the database, not in cwd
-            artifacts = (Path(plan.mlflow_tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-        experiment_id = client.create_experiment(name, artifact_location=artifacts)
+    experiment_id = ensure_experiment(client, plan.config.mlflow.experiment, plan.mlflow_tracking_uri)
     run = client.create_run(experiment_id, run_name=plan.run_name, tags={"falcon.job": "train_csgd"})
     params = flatten({"config": dataclasses.asdict(plan.config)})
     params.update({

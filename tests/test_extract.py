@@ -280,3 +280,18 @@ def test_bad_rows_are_counted_by_reason_and_the_rest_extracted(local_ray, workdi
     assert store.sample_ids() == ["good-1", "good-2", "truncated"]
     assert store.committed_shards() == {1, 2}  # shard 0 lost both samples; nothing to store
     assert int(store.sample_lengths()[-1]) == 128
+
+
+def test_batched_greedy_replies_equal_one_by_one_greedy_decoding(target_dir):
+    from pipelines.extract import greedy_replies
+
+    model, tokenizer = load_target(target_dir, dtype="float32")
+    eos = [tokenizer.eos_token_id]
+    prompts = {}
+    for i, text in enumerate(PROMPTS[:7]):
+        ids = tokenize_conversation([{"role": "user", "content": text}], tokenizer, 256, sample_id=str(i))["input_ids"]
+        prompts[str(i)] = (ids.tolist(), 3 + 2 * i)  # budgets differ per prompt
+    replies = greedy_replies(model, prompts, eos, batch_size=3)
+    for sample_id, (prompt, budget) in prompts.items():
+        expected = autoregressive_generate(model, torch.tensor([prompt]), budget, eos).tokens
+        assert replies[sample_id] == expected, sample_id

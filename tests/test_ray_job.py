@@ -1,20 +1,15 @@
-"""The extraction job submitted with `ray job submit` to a loopback Ray head started here; status checked.
+"""Jobs submitted with `ray job submit` to a loopback Ray head started here; the jobs' status is checked.
 
-The head runs as `ray start --head --block` in its own process group: stopping it ends exactly this test's
-Ray processes (`ray stop` would also stop any other Ray on the machine).
+- the extraction job alone, with --working-dir as on a real cluster;
+- the whole chain (`pipelines.demo`: extract, train, package, benchmark) on tiny models and data, then the
+  model pulled back from the registry by alias and checked to generate losslessly.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 import uuid
 from pathlib import Path
 
@@ -23,6 +18,7 @@ import pytest
 from falcon.target import load_target, target_fingerprint
 from falcon.testing import make_tiny_target
 from feature_store import FeatureStore
+from pipelines.ray_utils import local_ray_head
 
 pytestmark = pytest.mark.slow
 
@@ -30,65 +26,11 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 @pytest.fixture
-def ray_head(tmp_path, monkeypatch):
+def ray_head(tmp_path):
     """(dashboard URL, environment for the ray CLI) of a private 2-CPU head on loopback."""
-    # Ray 2.60 turns token auth on for local clusters (token in ~/.ray/auth_token); say so explicitly so
-    # this process's JobSubmissionClient sends the token too.
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    gcs, dashboard, client, agent_http, agent_grpc, runtime_env, metrics, node_manager, object_manager = free_ports(9)
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("RAY_ADDRESS", None)
-    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    log = open(tmp_path / "ray-head.log", "w")
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-         "--dashboard-host=127.0.0.1", f"--port={gcs}", f"--dashboard-port={dashboard}",
-         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_http}",
-         f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
-         f"--metrics-export-port={metrics}", f"--node-manager-port={node_manager}",
-         f"--object-manager-port={object_manager}", "--num-cpus=2", "--disable-usage-stats",
-         f"--temp-dir={temp_dir}"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    address = f"http://127.0.0.1:{dashboard}"
-    try:
-        wait_for_job_api(address, head, tmp_path / "ray-head.log")
-        yield address, env
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)  # --block: the head stops every process it started
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def wait_for_job_api(address: str, head: subprocess.Popen, log_path: Path, timeout: float = 90) -> None:
-    from ray.job_submission import JobSubmissionClient
-
-    deadline = time.monotonic() + timeout
-    while True:
-        assert head.poll() is None, f"ray start exited:\n{log_path.read_text()[-3000:]}"
-        try:
-            JobSubmissionClient(address).list_jobs()
-            return
-        except Exception as exc:  # connection refused until the dashboard is up
-            if time.monotonic() > deadline:
-                raise AssertionError(f"Ray job API at {address} not up after {timeout} s: {exc}") from exc
-            time.sleep(1)
+    with local_ray_head(str(tmp_path / "ray-head.log"), num_cpus=2) as head:
+        yield head.address, head.env
 
 
 def test_extraction_job_submitted_to_a_ray_head_succeeds(ray_head, tmp_path):
@@ -126,3 +68,55 @@ def test_extraction_job_submitted_to_a_ray_head_succeeds(ray_head, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rejects"] == {"empty_conversation": 1}
     assert summary["replies_generated"] == 3 and summary["samples_written"] == 3
+
+
+def test_whole_chain_as_ray_jobs_then_the_registered_model_generates_losslessly(tmp_path, capsys):
+    from falcon.generate import autoregressive_generate
+    from pipelines import demo
+    from pipelines.inference import encode_prompt, generate_text, load_falcon
+
+    make_tiny_target("llama", save_dir=tmp_path / "target")
+    prompts = ["What is the capital of France?", "Explain why the sky is blue.", "How do I sort a list in Python?",
+               "Write a haiku about autumn.", "What is two plus two?", "Name three colours.",
+               "Tell me a joke about cats.", "Why do birds sing?"]
+    rows = [{"id": f"q{i}", "messages": [{"role": "user", "content": p}], "turns": [p, "Shorter, please."]}
+            for i, p in enumerate(prompts)]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    target, store, tracking = tmp_path / "target", tmp_path / "store", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = [
+        f"extract.inputs=[{tmp_path / 'prompts.jsonl'}]", f"extract.store={store}", f"extract.target={target}",
+        f"extract.run_dir={tmp_path / 'extract'}", "extract.generation.max_new_tokens=24",
+        f"train.store={store}", f"train.target={target}", f"train.run_dir={tmp_path / 'train'}",
+        f"train.mlflow.tracking_uri={tracking}", "train.max_steps=4", "train.eval_fraction=0.25",
+        f"package.store={store}", f"package.target={target}", f"package.run_dir={tmp_path / 'package'}",
+        f"package.drafter_dir={tmp_path / 'train' / 'drafter'}", f"package.tracking_uri={tracking}",
+        "package.model_name=falcon-chain-test",
+        "benchmark.model=models:/falcon-chain-test@champion", f"benchmark.tracking_uri={tracking}",
+        f"benchmark.run_dir={tmp_path / 'bench'}", "benchmark.max_new_tokens=16",
+        f"benchmark.datasets=[{{name: mt_bench, path: {tmp_path / 'prompts.jsonl'}, max_samples: 2, second_turn: true}}]",
+    ]
+    args = ["--config", "tiny", "--steps", "extract,train,package,benchmark", "--num-cpus", "2",
+            "--log-dir", str(tmp_path / "demo")]
+    assert demo.main(args + [f"--set={item}" for item in overrides]) == 0, capsys.readouterr().err[-5000:]
+    out = capsys.readouterr().out
+    assert "=== steps: extract" in out and "| falcon |" in out
+    report = json.loads((tmp_path / "bench" / "report.json").read_text())
+    assert all(m["real_divergences"] == 0 for m in report["results"]["mt_bench"]["methods"].values())
+
+    package = load_falcon("models:/falcon-chain-test@champion", tracking_uri=tracking, dtype="float32")
+    for prompt in prompts[:3]:
+        expected = autoregressive_generate(package.target, encode_prompt(package.tokenizer, prompt), 32,
+                                           eos_token_id=package.eos_token_ids).tokens
+        assert generate_text(package, prompt, 32).token_ids == expected
+
+
+def test_a_failing_step_stops_the_chain_with_its_log(tmp_path, capsys):
+    from pipelines import demo
+
+    code = demo.main(["--config", "tiny", "--steps", "extract,train", "--num-cpus", "2", "--log-dir",
+                      str(tmp_path / "demo"), f"--set=extract.inputs=[{tmp_path / 'missing.jsonl'}]",
+                      f"--set=extract.target={tmp_path / 'no-target'}", f"--set=extract.store={tmp_path / 'store'}",
+                      f"--set=extract.run_dir={tmp_path / 'extract'}"])
+    err = capsys.readouterr().err
+    assert code == 1 and "step extract ended FAILED" in err and "no-target" in err
+    assert "=== train" not in capsys.readouterr().out
