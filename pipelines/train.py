@@ -290,6 +290,8 @@ def prepare_run(config: TrainConfig, *, fresh: bool = False) -> TrainPlan:
     """Check the target, the store, the split and (unless `fresh`) any earlier checkpoint; size the run."""
     from falcon.target import TargetLoadError, default_cache_dir, load_target, target_fingerprint
 
+    # Workers run in Ray Train's own directories: hand them absolute paths.
+    config = dataclasses.replace(config, store=resolve_local(config.store))
     run_dir = Path(resolve_local(config.run_dir))
     try:
         target, tokenizer = load_target(config.target, dtype="bfloat16", trust_remote_code=config.trust_remote_code)
