@@ -8,7 +8,6 @@ relative to it (`--set max_new_tokens=128`). Writes report.json, report.md and P
 logs them to MLflow, and prints report.md. Runs in the job's own process: batch-1 latency needs no cluster.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -18,31 +17,27 @@ from falcon.drafter import DrafterMismatchError  # noqa: E402
 from falcon.target import TargetLoadError  # noqa: E402
 from falcon.tree import TreeError  # noqa: E402
 from pipelines.benchmark import REPORT_MD, BenchmarkError, load_benchmark_config, run_benchmark  # noqa: E402
-from pipelines.config import ConfigError  # noqa: E402
+from pipelines.config import run_job  # noqa: E402
 from pipelines.inference import PackageError  # noqa: E402
 
+REAL_DIVERGENCE_EXIT = 3
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="YAML config file (see jobs/configs/)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one value of the benchmark section, dotted for nested keys; repeatable")
-    args = parser.parse_args(argv)
-    try:
-        config = load_benchmark_config(args.config, args.overrides)
-        report = run_benchmark(config)
-    except ConfigError as exc:
-        print(f"benchmark: config error: {exc}", file=sys.stderr)
-        return 2
-    except (BenchmarkError, PackageError, DrafterMismatchError, TargetLoadError, TreeError) as exc:
-        print(f"benchmark: error: {exc}", file=sys.stderr)
-        return 1
+
+def benchmark(config, args) -> int:
+    report = run_benchmark(config)
     print((Path(config.run_dir) / REPORT_MD).read_text())
     real = sum(m["real_divergences"] for r in report["results"].values() for m in r["methods"].values())
     if real:
         print(f"benchmark: {real} real divergence(s) from plain decoding: see report.json", file=sys.stderr)
-        return 3
+        return REAL_DIVERGENCE_EXIT
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job(
+        "benchmark", __doc__.splitlines()[0], "benchmark", load=load_benchmark_config, run=benchmark,
+        errors=(BenchmarkError, PackageError, DrafterMismatchError, TargetLoadError, TreeError), argv=argv,
+    )
 
 
 if __name__ == "__main__":

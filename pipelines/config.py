@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -93,44 +95,6 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Build `cls` from a YAML file (optional) plus `key=value` overrides."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
-        values = loaded
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        key, raw = item.split("=", 1)
-        _set_path(values, key.strip(), yaml.safe_load(raw) if raw != "" else "")
-    return _build(cls, values, "")
-
-
-def config_to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
-
-
-def parse_job_args(cls: type[T], description: str, argv: list[str] | None = None) -> tuple[T, argparse.Namespace]:
-    """The command line every job shares: `--config FILE [--set key=value ...]`."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", required=True, help="YAML config file (see jobs/configs/)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config value, dotted for nested keys; repeatable")
-    parser.add_argument("--fresh", action="store_true", help="ignore existing outputs/checkpoints and start over")
-    args = parser.parse_args(argv)
-    try:
-        config = load_config(cls, args.config, args.overrides)
-    except ConfigError as exc:
-        parser.exit(2, f"config error: {exc}\n")
-    return config, args
-
-
 def load_section(cls: type[T], path: str | Path, section: str, overrides: list[str] | None = None) -> T:
     """Build `cls` from the `section:` mapping of a YAML file shared by several jobs, plus overrides.
 
@@ -150,3 +114,31 @@ def load_section(cls: type[T], path: str | Path, section: str, overrides: list[s
         key, raw = item.split("=", 1)
         _set_path(values, key.strip().removeprefix(f"{section}."), yaml.safe_load(raw) if raw != "" else "")
     return _build(cls, values, section)
+
+
+def run_job(name: str, description: str, section: str, load: Callable[[str, list[str]], T],
+            run: Callable[[T, argparse.Namespace], Any], errors: tuple[type[BaseException], ...],
+            argv: list[str] | None = None, fresh_help: str | None = None) -> int:
+    """The command line every job shares: `--config FILE [--set key=value ...] [--fresh]`, then `run`, whose
+    int result (if it returns one) is the exit code.
+
+    A config that does not parse exits 2 and an expected failure (`errors`) exits 1, each with one line
+    naming the problem instead of a traceback.
+    """
+    parser = argparse.ArgumentParser(prog=f"jobs/{name}.py", description=description)
+    parser.add_argument("--config", required=True, help="YAML config file (see jobs/configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override one value of the {section} section, dotted for nested keys; repeatable")
+    if fresh_help:
+        parser.add_argument("--fresh", action="store_true", help=fresh_help)
+    args = parser.parse_args(argv)
+    try:
+        config = load(args.config, args.overrides)
+        result = run(config, args)
+        return result if isinstance(result, int) else 0  # an int is the job's exit code
+    except ConfigError as exc:
+        print(f"{name}: config error: {exc}", file=sys.stderr)
+        return 2
+    except errors as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return 1

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -128,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo: config error: {exc}", file=sys.stderr)
         return 2
 
+    # `kill` (SIGTERM) must stop the Ray head too: turn it into the KeyboardInterrupt path below.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     durations: dict[str, float] = {}
