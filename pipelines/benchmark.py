@@ -17,10 +17,10 @@ Protocol (stated in every report):
 - speedup (Spec-Bench): mean per-sample tokens/s of the method / mean per-sample tokens/s of the baseline.
 - tau: tokens produced per target forward after the prefill, the bonus token included (plain decoding 1.00).
 - alpha: accepted draft tokens / draft tokens on the deepest path the tree offered, over all steps.
-- Losslessness: every output is compared token for token with `autoregressive`. At the first divergence
-  the target is run on prompt + the reference prefix and the logit margin between the reference token and
-  the method's token is measured; it is a numerical tie when the margin is at most `tie_ulps` units in the
-  last place of the inference dtype at the top logit's magnitude, else a real divergence.
+- Losslessness: every output is compared token for token with `autoregressive`. At the first divergence the
+  target is re-run on prompt + common prefix in the inference dtype and in higher precision; the divergence is
+  a numerical tie when the exact margin between the two tokens is within `tie_factor` times the rounding
+  error the inference dtype made on that margin, else a real divergence (DivergenceAuditor).
 
 Outputs in run_dir: report.json, report.md, speedup.png, accepted_lengths.png; logged to MLflow too.
 """
@@ -28,7 +28,6 @@ Outputs in run_dir: report.json, report.md, speedup.png, accepted_lengths.png; l
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import statistics
@@ -48,6 +47,7 @@ from falcon.generate import FalconDecoder, GenerationResult
 from falcon.tree import TreeConfig
 from pipelines.config import load_section
 from pipelines.inference import FalconPackage, encode_prompt, load_falcon
+from pipelines.ray_utils import use_torch_threads
 from pipelines.tracking import ensure_experiment, resolve_tracking_uri
 
 BASELINES = ("autoregressive", "hf_generate")
@@ -84,7 +84,7 @@ class BenchmarkConfig:
     target: str | None = None  # None: the target the package names
     device: str = "cpu"
     dtype: str = "bfloat16"
-    torch_threads: int | None = None  # None: torch's default
+    torch_threads: int | None = None  # None: every core (Ray starts jobs with one thread)
     max_new_tokens: int = 256
     warmup_prompts: int = 2
     datasets: list[DatasetSpec] = field(default_factory=lambda: [
@@ -97,7 +97,9 @@ class BenchmarkConfig:
     prompt_lookup_num_tokens: int = 10
     prompt_lookup_max_ngram: int = 2
     extra_drafters: list[ExtraDrafter] = field(default_factory=list)
-    tie_ulps: float = 8.0
+    # A divergence is a numerical tie when the exact margin between the two tokens is at most this many times
+    # the rounding error the inference dtype made on it (DivergenceAuditor).
+    tie_factor: float = 2.0
     mlflow: bool = True
     experiment: str = "falcon-benchmark"
 
@@ -212,11 +214,7 @@ def extra_decoder(extra: ExtraDrafter, package: FalconPackage) -> FalconDecoder:
 # Losslessness audit
 
 
-def ulp(dtype: torch.dtype, magnitude: float) -> float:
-    """Spacing of `dtype` numbers at |magnitude|."""
-    mantissa_bits = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}[dtype]
-    exponent = math.floor(math.log2(max(abs(magnitude), torch.finfo(dtype).tiny)))
-    return 2.0 ** (exponent - mantissa_bits)
+REFERENCE_DTYPE = {torch.bfloat16: torch.float32, torch.float16: torch.float32, torch.float32: torch.float64}
 
 
 def first_divergence(reference: list[int], other: list[int]) -> int | None:
@@ -226,26 +224,53 @@ def first_divergence(reference: list[int], other: list[int]) -> int | None:
     return None if len(reference) == len(other) else min(len(reference), len(other))
 
 
-def audit_divergence(target, prompt_ids: torch.Tensor, reference: list[int], other: list[int], index: int,
-                     tie_ulps: float) -> dict[str, Any]:
-    """Classify the first divergence: the reference's logit margin over the method's token there."""
-    prefix = torch.tensor([reference[:index]], dtype=prompt_ids.dtype, device=prompt_ids.device)
-    with torch.inference_mode():
-        logits = target(input_ids=torch.cat([prompt_ids, prefix], dim=1)).logits[0, -1].float()  # (vocab,)
-    top2 = logits.topk(2)
-    ref_token = reference[index] if index < len(reference) else None
-    other_token = other[index] if index < len(other) else None
-    result = {
-        "index": index, "reference_token": ref_token, "method_token": other_token,
-        "top1_top2_margin": float(top2.values[0] - top2.values[1]),
-        "reference_is_argmax": ref_token is not None and int(top2.indices[0]) == ref_token,
-    }
-    if ref_token is None or other_token is None:  # one stopped (EOS) where the other went on: no tie possible
-        return result | {"margin": None, "threshold": None, "kind": "real"}
-    margin = float(logits[ref_token] - logits[other_token])
-    threshold = tie_ulps * ulp(target.dtype, float(top2.values[0]))
-    return result | {"margin": margin, "threshold": threshold,
-                     "kind": "tie" if abs(margin) <= threshold else "real"}
+class DivergenceAuditor:
+    """Classifies the first divergence of a method's output from plain greedy decoding.
+
+    At the divergence the reference chose token a and the method token b. Both are greedy choices, made from
+    logits computed along different paths (one token at a time vs. a batched tree), so they can differ only
+    through rounding. The target is re-run on prompt + common prefix twice: in the inference dtype, and in a
+    higher precision (float32 for bf16/fp16, float64 for float32) standing in for exact arithmetic. Let m be
+    the exact margin logit(a) - logit(b) and e the rounding error of the inference dtype on that same margin
+    (|m_inference - m|). The divergence is a numerical tie when |m| <= tie_factor x e: rounding of the size
+    observed there can flip the choice. Otherwise it is real: a bug, not arithmetic. An output that is a strict
+    prefix of the other is real too (both stop at the same EOS tokens, so no close choice explains it).
+    """
+
+    def __init__(self, target, tie_factor: float):
+        self.target, self.tie_factor = target, tie_factor
+        self._reference_model = None
+
+    def _reference(self):
+        if self._reference_model is None:  # made once, at the first divergence: it costs a copy of the weights
+            import copy
+
+            self._reference_model = copy.deepcopy(self.target).to(REFERENCE_DTYPE[self.target.dtype])
+        return self._reference_model
+
+    @staticmethod
+    def _last_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(input_ids=input_ids).logits[0, -1].double()  # (vocab,)
+
+    def audit(self, prompt_ids: torch.Tensor, reference: list[int], other: list[int], index: int) -> dict[str, Any]:
+        prefix = torch.tensor([reference[:index]], dtype=prompt_ids.dtype, device=prompt_ids.device)
+        input_ids = torch.cat([prompt_ids, prefix], dim=1)  # (1, prompt + index)
+        inference = self._last_logits(self.target, input_ids)
+        exact = self._last_logits(self._reference(), input_ids)
+        a = reference[index] if index < len(reference) else None
+        b = other[index] if index < len(other) else None
+        if a is None or b is None:  # one output is a strict prefix of the other: no choice was close, a bug
+            return {"index": index, "reference_token": a, "method_token": b, "kind": "real"}
+        exact_margin = float(exact[a] - exact[b])
+        error = abs(float(inference[a] - inference[b]) - exact_margin)
+        tie = abs(exact_margin) <= self.tie_factor * error
+        return {
+            "index": index, "reference_token": a, "method_token": b,
+            "exact_margin": exact_margin, "rounding_error": error,
+            "inference_margin": float(inference[a] - inference[b]),
+            "exact_top1": int(exact.argmax()), "kind": "tie" if tie else "real",
+        }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -282,7 +307,7 @@ def read_samples(spec: DatasetSpec) -> list[Sample]:
 
 
 def measure_dataset(spec: DatasetSpec, methods: dict[str, Callable], package: FalconPackage,
-                    config: BenchmarkConfig, rotation: list[int]) -> dict[str, list[dict[str, Any]]]:
+                    auditor: DivergenceAuditor, rotation: list[int]) -> dict[str, list[dict[str, Any]]]:
     """Per method, one record per sample: tokens/s, tau inputs, and the audit against `autoregressive`."""
     names = list(methods)
     records: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
@@ -297,8 +322,7 @@ def measure_dataset(spec: DatasetSpec, methods: dict[str, Callable], package: Fa
         reference = runs["autoregressive"].tokens
         for name, run in runs.items():
             index = first_divergence(reference, run.tokens)
-            audit = None if index is None else audit_divergence(
-                package.target, prompt_ids, reference, run.tokens, index, config.tie_ulps)
+            audit = None if index is None else auditor.audit(prompt_ids, reference, run.tokens, index)
             records[name].append({"id": sample.id, "turn": sample.turn, "prompt_tokens": prompt_ids.shape[1],
                                   "new_tokens": len(run.tokens), "seconds": run.seconds,
                                   "tokens_per_s": run.tokens_per_s, "steps": run.steps, "accepted": run.accepted,
@@ -411,9 +435,10 @@ DEFINITIONS = [
     "τ: tokens produced per target forward after the prefill, bonus token included (plain decoding = 1.00).",
     "α: accepted draft tokens / draft tokens on the deepest path the tree offered, summed over steps.",
     "identical: outputs equal to `autoregressive` token for token. At a first divergence the target is re-run on "
-    "the prompt + reference prefix; the divergence is a numerical tie when the reference token's logit exceeds "
-    "the method's token's by at most tie_ulps units in the last place of the inference dtype at the top logit, "
-    "else a real divergence.",
+    "the prompt + common prefix in the inference dtype and in higher precision (float32 for bf16, float64 for "
+    "float32): with m the high-precision margin between the reference's token and the method's and e the rounding "
+    "error the inference dtype made on m, the divergence is a numerical tie when |m| <= tie_factor x e, else a "
+    "real divergence (a bug).",
 ]
 
 
@@ -490,8 +515,7 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
     """Measure every method on every dataset; write and log the report; return it."""
     for spec in config.datasets:  # fail on a missing file before loading anything
         read_samples(spec)
-    if config.torch_threads is not None:
-        torch.set_num_threads(config.torch_threads)
+    use_torch_threads(config.torch_threads)
     tracking_uri = resolve_tracking_uri(config.tracking_uri)
     package = load_falcon(config.model, device=config.device, dtype=config.dtype, tracking_uri=tracking_uri,
                           target=config.target)
@@ -504,7 +528,8 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
             method(prompt_ids)
 
     rotation = [0]
-    records = {spec.name: measure_dataset(spec, methods, package, config, rotation) for spec in config.datasets}
+    auditor = DivergenceAuditor(package.target, config.tie_factor)
+    records = {spec.name: measure_dataset(spec, methods, package, auditor, rotation) for spec in config.datasets}
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "machine": machine_info(config.device),

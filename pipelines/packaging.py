@@ -54,6 +54,7 @@ from pipelines.inference import (
     TREE_FILE,
     PackageError,
 )
+from pipelines.ray_utils import use_torch_threads
 from pipelines.tracking import DEFAULT_TRACKING_URI, ensure_experiment, resolve_tracking_uri
 from pipelines.tree_tuning import TreeTuningConfig, resolve_tree
 
@@ -84,6 +85,7 @@ class PackageConfig:
     trust_remote_code: bool = False
     device: str = "cpu"  # where the tree is timed, and the pyfunc's default device
     dtype: str = "bfloat16"  # the inference dtype: tree timings and acceptance are measured in it
+    torch_threads: int | None = None  # threads of the tree timing runs (None: every core, as a server would use)
     model_name: str = "falcon-drafter"  # registered model name
     alias: str = "champion"
     tracking_uri: str = DEFAULT_TRACKING_URI
@@ -296,6 +298,7 @@ def run_packaging(config: PackageConfig, *, fresh: bool = False) -> PackageResul
     if not (drafter_dir / CONFIG_FILE).is_file() or not (drafter_dir / WEIGHTS_FILE).is_file():
         raise PackageError(f"no drafter at {drafter_dir}: run jobs/train_csgd.py first, or set package.drafter_dir")
     run_dir = Path(config.run_dir)
+    use_torch_threads(config.torch_threads)
     target, tokenizer = load_target(config.target, device=config.device, dtype=config.dtype,
                                     trust_remote_code=config.trust_remote_code)
     fingerprint = target_fingerprint(target, tokenizer)

@@ -176,3 +176,14 @@ def _wait_for_job_api(address: str, head, log_path: str, timeout: float, env: di
             if time.monotonic() > deadline:
                 raise RuntimeError(f"Ray job API at {address} not up after {timeout:.0f} s: {exc}") from exc
             time.sleep(1)
+
+
+def use_torch_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads: `threads`, or every core when None. Ray starts job drivers and workers with
+    OMP_NUM_THREADS=1, which suits data-parallel workers but not a latency benchmark or tree timing run in the
+    job's own process. Returns the number set."""
+    import torch
+
+    count = threads or os.cpu_count() or 1
+    torch.set_num_threads(count)
+    return count
