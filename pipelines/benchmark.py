@@ -19,8 +19,8 @@ Protocol (stated in every report):
 - alpha: accepted draft tokens / draft tokens on the deepest path the tree offered, over all steps.
 - Losslessness: every output is compared token for token with `autoregressive`. At the first divergence the
   target is re-run on prompt + common prefix in the inference dtype and in higher precision; the divergence is
-  a numerical tie when the exact margin between the two tokens is within `tie_factor` times the rounding
-  error the inference dtype made on that margin, else a real divergence (DivergenceAuditor).
+  a numerical tie when the exact margin between the two tokens is within `tie_factor` times (the rounding
+  error the inference dtype made on that margin + one ulp of the logits), else real (DivergenceAuditor).
 
 Outputs in run_dir: report.json, report.md, speedup.png, accepted_lengths.png; logged to MLflow too.
 """
@@ -28,6 +28,7 @@ Outputs in run_dir: report.json, report.md, speedup.png, accepted_lengths.png; l
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -98,7 +99,7 @@ class BenchmarkConfig:
     prompt_lookup_max_ngram: int = 2
     extra_drafters: list[ExtraDrafter] = field(default_factory=list)
     # A divergence is a numerical tie when the exact margin between the two tokens is at most this many times
-    # the rounding error the inference dtype made on it (DivergenceAuditor).
+    # (the rounding error the inference dtype made on it + one ulp of the logits) (DivergenceAuditor).
     tie_factor: float = 2.0
     mlflow: bool = True
     experiment: str = "falcon-benchmark"
@@ -215,6 +216,13 @@ def extra_decoder(extra: ExtraDrafter, package: FalconPackage) -> FalconDecoder:
 
 
 REFERENCE_DTYPE = {torch.bfloat16: torch.float32, torch.float16: torch.float32, torch.float32: torch.float64}
+MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}
+
+
+def ulp(dtype: torch.dtype, magnitude: float) -> float:
+    """Spacing of `dtype` numbers at |magnitude|: the rounding step of a logit stored in that dtype."""
+    exponent = math.floor(math.log2(max(abs(magnitude), torch.finfo(dtype).tiny)))
+    return 2.0 ** (exponent - MANTISSA_BITS[dtype])
 
 
 def first_divergence(reference: list[int], other: list[int]) -> int | None:
@@ -231,9 +239,11 @@ class DivergenceAuditor:
     logits computed along different paths (one token at a time vs. a batched tree), so they can differ only
     through rounding. The target is re-run on prompt + common prefix twice: in the inference dtype, and in a
     higher precision (float32 for bf16/fp16, float64 for float32) standing in for exact arithmetic. Let m be
-    the exact margin logit(a) - logit(b) and e the rounding error of the inference dtype on that same margin
-    (|m_inference - m|). The divergence is a numerical tie when |m| <= tie_factor x e: rounding of the size
-    observed there can flip the choice. Otherwise it is real: a bug, not arithmetic. An output that is a strict
+    the exact margin logit(a) - logit(b), e the rounding error the inference dtype made on that margin along
+    this path (|m_inference - m|), and u one unit in the last place of the logits in the inference dtype (each
+    path rounds its output logits independently: in bf16 logits near 20 come in steps of 0.125). The
+    divergence is a numerical tie when |m| <= tie_factor x (e + u): rounding of the size observed there can
+    flip the choice. Otherwise it is real: a bug, not arithmetic. An output that is a strict
     prefix of the other is real too (both stop at the same EOS tokens, so no close choice explains it).
     """
 
@@ -264,10 +274,12 @@ class DivergenceAuditor:
             return {"index": index, "reference_token": a, "method_token": b, "kind": "real"}
         exact_margin = float(exact[a] - exact[b])
         error = abs(float(inference[a] - inference[b]) - exact_margin)
-        tie = abs(exact_margin) <= self.tie_factor * error
+        logit_ulp = ulp(self.target.dtype, max(abs(float(inference[a])), abs(float(inference[b]))))
+        bound = self.tie_factor * (error + logit_ulp)
+        tie = abs(exact_margin) <= bound
         return {
             "index": index, "reference_token": a, "method_token": b,
-            "exact_margin": exact_margin, "rounding_error": error,
+            "exact_margin": exact_margin, "rounding_error": error, "logit_ulp": logit_ulp, "tie_bound": bound,
             "inference_margin": float(inference[a] - inference[b]),
             "exact_top1": int(exact.argmax()), "kind": "tie" if tie else "real",
         }
@@ -436,9 +448,9 @@ DEFINITIONS = [
     "α: accepted draft tokens / draft tokens on the deepest path the tree offered, summed over steps.",
     "identical: outputs equal to `autoregressive` token for token. At a first divergence the target is re-run on "
     "the prompt + common prefix in the inference dtype and in higher precision (float32 for bf16, float64 for "
-    "float32): with m the high-precision margin between the reference's token and the method's and e the rounding "
-    "error the inference dtype made on m, the divergence is a numerical tie when |m| <= tie_factor x e, else a "
-    "real divergence (a bug).",
+    "float32): with m the high-precision margin between the reference's token and the method's, e the rounding "
+    "error the inference dtype made on m and u one ulp of the logits in that dtype, the divergence is a numerical "
+    "tie when |m| <= tie_factor x (e + u), else a real divergence (a bug).",
 ]
 
 
