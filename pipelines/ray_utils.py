@@ -113,7 +113,6 @@ def local_ray_head(log_path: str, num_cpus: int | None = None, timeout: float = 
     `env` makes job clients send the token too.
     """
     import shutil
-    import signal
     import subprocess
     import sys
     import tempfile
@@ -134,19 +133,33 @@ def local_ray_head(log_path: str, num_cpus: int | None = None, timeout: float = 
     if num_cpus is not None:
         command.append(f"--num-cpus={num_cpus}")
     address = f"http://127.0.0.1:{ports['dashboard-port']}"
+    # Token auth needs a token before the head starts; on a fresh machine there is none yet. This creates
+    # ~/.ray/auth_token only if it is missing (what `ray.init()` does for a local cluster).
+    subprocess.run([str(bin_dir / "ray"), "get-auth-token", "--generate"], env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     with open(log_path, "w") as log:
         head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             _wait_for_job_api(address, head, log_path, timeout, env)
             yield RayHead(address, env, log_path)
         finally:
-            os.killpg(head.pid, signal.SIGTERM)  # --block: the head stops every process it started
-            try:
-                head.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(head.pid, signal.SIGKILL)
-                head.wait()
+            _stop_process_group(head)
             shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _stop_process_group(process) -> None:
+    """SIGTERM the process's group (`ray start --block` then stops everything it started), SIGKILL after 30 s."""
+    import signal
+    import subprocess
+
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+    except ProcessLookupError:  # already gone (the head failed to start)
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def use_token_auth() -> None:
