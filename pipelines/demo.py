@@ -57,6 +57,15 @@ def resolve_config(name: str) -> Path:
     raise ConfigError(f"no config {name!r}: neither a file nor one of {known}")
 
 
+def section_of(override: str) -> str:
+    """`train.optimizer.lr=1e-4` -> `train`."""
+    return override.split("=", 1)[0].split(".", 1)[0]
+
+
+def section_overrides(overrides: list[str], section: str) -> list[str]:
+    return [item for item in overrides if section_of(item) == section]
+
+
 def step_command(step: str, config: Path, overrides: list[str]) -> list[str]:
     """The job's entrypoint: this Python in the repository, with the overrides of its section."""
     script, section = STEPS[step]
@@ -64,9 +73,8 @@ def step_command(step: str, config: Path, overrides: list[str]) -> list[str]:
         args = fetch_args(config)
     else:
         args = ["--config", str(config)]
-        for item in overrides:
-            if item.split("=", 1)[0].split(".", 1)[0] == section:
-                args += ["--set", item]
+        for item in section_overrides(overrides, section):
+            args += ["--set", item]
     entry = shlex.join([sys.executable, script, *args])
     return ["sh", "-c", f"cd {shlex.quote(str(REPO))} && exec {entry}"]
 
@@ -119,12 +127,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"unknown step(s) {unknown}; known: {list(STEPS)}")
         config = resolve_config(args.config)
         for item in args.overrides:
-            if item.split("=", 1)[0].split(".", 1)[0] not in {s for _, s in STEPS.values() if s}:
+            if section_of(item) not in {s for _, s in STEPS.values() if s}:
                 raise ConfigError(f"--set {item!r}: the key must start with a section (extract., train., ...)")
         loaders = section_loaders()
         for _, section in (STEPS[s] for s in steps):  # every section parses before anything starts
             if section:
-                loaders[section](config, [o for o in args.overrides if o.startswith(f"{section}.")])
+                loaders[section](config, section_overrides(args.overrides, section))
     except (ConfigError, ValueError) as exc:
         print(f"demo: config error: {exc}", file=sys.stderr)
         return 2
@@ -148,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\n=== steps: " + ", ".join(f"{step} {seconds / 60:.1f} min" for step, seconds in durations.items()))
     if "benchmark" in steps:
-        bench = load_benchmark_config(config, [o for o in args.overrides if o.startswith("benchmark.")])
+        bench = load_benchmark_config(config, section_overrides(args.overrides, "benchmark"))
         report = Path(bench.run_dir)
         report = (report if report.is_absolute() else REPO / report) / REPORT_MD
         print(f"\n=== {report}\n\n{report.read_text()}")

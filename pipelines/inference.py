@@ -101,12 +101,14 @@ def find_package_dir(path: str | Path) -> Path:
 
 
 def _registry_version(uri: str, tracking_uri: str) -> dict[str, Any]:
-    """models:/NAME@ALIAS or models:/NAME/VERSION -> name, version, alias, run id, source."""
+    """models:/NAME@ALIAS or models:/NAME/VERSION -> name, version, alias, run id, source, and the version's
+    artifact location (`download_uri`): download_artifacts' `tracking_uri=` does not reach the model registry,
+    which would then be the process default (a fresh ./mlflow.db) and not know the model."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     reference = uri.removeprefix("models:/")
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     try:
         if "@" in reference:
             name, alias = reference.split("@", 1)
@@ -116,25 +118,18 @@ def _registry_version(uri: str, tracking_uri: str) -> dict[str, Any]:
             alias, version = None, client.get_model_version(name, number)
         else:
             raise PackageError(f"{uri!r}: give a version or an alias (models:/NAME/VERSION or models:/NAME@ALIAS)")
+        download_uri = client.get_model_version_download_uri(version.name, version.version)
     except MlflowException as error:
         raise PackageError(f"cannot resolve {uri} in the registry at {tracking_uri}: {error.message}") from None
     return {"name": version.name, "version": int(version.version), "alias": alias, "run_id": version.run_id,
-            "source": version.source, "tags": dict(version.tags)}
+            "source": version.source, "tags": dict(version.tags), "download_uri": download_uri}
 
 
 def _download(uri: str, tracking_uri: str, destination: Path) -> Path:
     import mlflow
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
     try:
-        if uri.startswith("models:/"):
-            # Resolve the registered version to its artifact location through a client of THIS registry:
-            # download_artifacts' `tracking_uri=` does not reach the registry, which would then be the
-            # process default (a fresh ./mlflow.db) and not know the model.
-            version = _registry_version(uri, tracking_uri)
-            client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-            uri = client.get_model_version_download_uri(version["name"], str(version["version"]))
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(destination),
                                                         tracking_uri=tracking_uri))
     except MlflowException as error:
@@ -171,6 +166,7 @@ def load_falcon(uri: str | Path, *, device: str = "cpu", dtype: str = "bfloat16"
     info["tracking_uri"] = tracking_uri
     if uri.startswith("models:/"):
         info["registry"] = _registry_version(uri, tracking_uri)
+        uri = info["registry"]["download_uri"]
     with tempfile.TemporaryDirectory(prefix="falcon-package-") as scratch:
         model_dir = _download(uri, tracking_uri, Path(scratch))
         # Everything is read into memory here (safetensors are loaded, not mapped), so the scratch can go.

@@ -140,7 +140,7 @@ def local_ray_head(log_path: str, num_cpus: int | None = None, timeout: float = 
     with open(log_path, "w") as log:
         head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            _wait_for_job_api(address, head, log_path, timeout, env)
+            _wait_for_job_api(address, head, log_path, timeout)
             yield RayHead(address, env, log_path)
         finally:
             _stop_process_group(head)
@@ -172,7 +172,7 @@ def use_token_auth() -> None:
     Config.initialize("")
 
 
-def _wait_for_job_api(address: str, head, log_path: str, timeout: float, env: dict[str, str]) -> None:
+def _wait_for_job_api(address: str, head, log_path: str, timeout: float) -> None:
     import time
     from pathlib import Path
 
