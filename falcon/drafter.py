@@ -1,4 +1,5 @@
-"""The Falcon drafter: LSTM fusion of [target feature, next-token embedding], relaxed-causal decoder blocks.
+"""The Falcon drafter: LSTM fusion of [target feature, next-token embedding] (each RMS-normalised), relaxed-causal
+decoder blocks.
 
 Position i of the drafter reads (f_i, e(t_{i+1})): the target's last hidden state at i and the embedding of
 the token after it. It predicts f_{i+k}, the target feature k steps ahead; logits come from the target's frozen
@@ -178,6 +179,11 @@ class Drafter(nn.Module):
         super().__init__()
         self.config = config
         h = config.hidden_size
+        # The target's features (RMS ~2, single dimensions up to ~50 on SmolLM2) would drown its embeddings
+        # (RMS ~0.14) in the LSTM's input; normalising both first made held-out top-1 after 150 steps 0.17
+        # instead of 0.11 on the demo store.
+        self.feature_norm = RMSNorm(h, config.rms_norm_eps)
+        self.token_norm = RMSNorm(h, config.rms_norm_eps)
         self.fusion = nn.LSTM(2 * h, h, num_layers=config.lstm_layers, batch_first=True)
         self.blocks = nn.ModuleList(DecoderBlock(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(h, config.rms_norm_eps)
@@ -223,7 +229,8 @@ class Drafter(nn.Module):
         if next_ids.shape[1] == 0:  # nn.LSTM refuses empty sequences; nothing to read leaves the state as is
             return hidden_states.new_zeros(hidden_states.shape[0], 0, self.config.hidden_size), lstm_state
         embeds = F.embedding(next_ids, self.embed_weight).to(hidden_states.dtype)
-        fused, lstm_state = self.fusion(torch.cat([hidden_states, embeds], dim=-1), lstm_state)
+        inputs = torch.cat([self.feature_norm(hidden_states), self.token_norm(embeds)], dim=-1)  # (B, T, 2h)
+        fused, lstm_state = self.fusion(inputs, lstm_state)
         return fused, lstm_state
 
     def decode(self, fused, position_ids, past_kv=None, attn_mask=None):

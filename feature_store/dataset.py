@@ -22,6 +22,9 @@ class FeatureDataset(Dataset):
     the hidden states over the whole sample, so a window keeps full-context features; only the
     drafter's own attention starts afresh at the window start.
 
+    With `context_tokens`, a sample's windows start at most that many tokens before its first
+    loss-masked token: the prompt tokens before carry no loss, and the features already summarise them.
+
     Item keys: input_ids int64 [T], loss_mask bool [T], hidden_states [T, h] in the store's dtype
     (bfloat16 or float16), and with topk > 0: topk_values [T, k] (logits, store dtype),
     topk_indices int64 [T, k], logsumexp float32 [T].
@@ -32,20 +35,27 @@ class FeatureDataset(Dataset):
         store: FeatureStore,
         indices: Sequence[int] | np.ndarray | None = None,
         max_len: int | None = None,
+        context_tokens: int | None = None,
     ):
         if max_len is not None and max_len <= 0:
             raise ValueError(f"max_len must be positive or None, got {max_len}")
+        if context_tokens is not None and context_tokens < 0:
+            raise ValueError(f"context_tokens must be >= 0 or None, got {context_tokens}")
         n = store.num_samples
         indices = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64)
         if indices.size and (indices.min() < 0 or indices.max() >= n):
             raise IndexError(f"sample indices must be in [0, {n}), got [{indices.min()}, {indices.max()}]")
         lengths = store.sample_lengths()[indices]
-        per_sample = np.ones_like(lengths) if max_len is None else -(-lengths // max_len)
+        offsets = np.zeros_like(lengths)  # where each sample's first window starts
+        if context_tokens is not None:
+            offsets = np.clip(store.first_loss_positions()[indices] - context_tokens, 0, np.maximum(lengths - 1, 0))
+        spans = lengths - offsets
+        per_sample = np.ones_like(spans) if max_len is None else -(-spans // max_len)
         first_window = np.repeat(np.cumsum(per_sample) - per_sample, per_sample)
         # position of each window inside its sample: 0, 1, ... per sample
         window_number = np.arange(int(per_sample.sum())) - first_window
         sample_lengths = np.repeat(lengths, per_sample)
-        starts = window_number * (max_len or 0)
+        starts = np.repeat(offsets, per_sample) + window_number * (max_len or 0)
         stops = sample_lengths if max_len is None else np.minimum(starts + max_len, sample_lengths)
         self.store = store
         self.windows = np.stack([np.repeat(indices, per_sample), starts, stops], axis=1)  # [n_windows, 3]

@@ -267,6 +267,17 @@ class FeatureStore:
         lengths = [np.diff(self._shard_offsets(pos)) for pos in range(len(self._shards))]
         return np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
 
+    def first_loss_positions(self) -> np.ndarray:
+        """Index of the first loss-masked token of every sample (its length if it has none), int64 [num_samples]."""
+        firsts = []
+        for pos in range(len(self._shards)):
+            offsets = self._shard_offsets(pos)
+            loss_mask = self._shard_arrays(pos)["loss_mask"][...].astype(bool)  # [n_tokens]
+            for begin, end in zip(offsets[:-1], offsets[1:], strict=True):
+                hits = np.flatnonzero(loss_mask[begin:end])
+                firsts.append(int(hits[0]) if hits.size else int(end - begin))
+        return np.asarray(firsts, dtype=np.int64)
+
     def sample_ids(self) -> list[str]:
         """Id of every sample, by global index."""
         return [sid for pos in range(len(self._shards)) for sid in self._shard_sample_ids(pos)]

@@ -39,12 +39,13 @@ from pipelines.train import (
     prepare_run,
     run_training,
     step_generator,
+    training_windows,
 )
 
 
 def bare_loop_tokens_per_s(plan: TrainPlan, warmup: int, steps: int, threads: int) -> dict[str, Any]:
     """The same CSGD steps as one Ray Train worker, in this process, without Ray or DeepSpeed."""
-    from feature_store import FeatureDataset, FeatureStore
+    from feature_store import FeatureStore
 
     config = plan.config
     torch.set_num_threads(threads)
@@ -57,7 +58,7 @@ def bare_loop_tokens_per_s(plan: TrainPlan, warmup: int, steps: int, threads: in
     optimizer = torch.optim.AdamW(trainable, lr=config.optimizer.lr, betas=tuple(config.optimizer.betas),
                                   eps=config.optimizer.eps, weight_decay=config.optimizer.weight_decay)
     store = FeatureStore.open(config.store, storage_options=config.storage_options)
-    dataset = FeatureDataset(store, plan.train_indices, config.max_len)
+    dataset = training_windows(store, plan.train_indices, config)
     gas = config.deepspeed.gradient_accumulation_steps
     loader = (batch for epoch in range(config.epochs)
               for batch in batch_loader(dataset, epoch_batches(len(dataset), epoch, plan, 0, 1), config.loader_workers))

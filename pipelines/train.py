@@ -154,6 +154,9 @@ class TrainConfig:
     eval_fraction: float = 0.05
     split_seed: int = 0
     max_len: int = 2048  # tokens per training window
+    # Prompt tokens kept before a sample's first loss token (null: all). They carry no loss and the target's
+    # features already summarise them; on the demo store 64 cut the tokens a step processes by a third.
+    context_tokens: int | None = None
     epochs: int = 20
     max_steps: int | None = None  # stop after this many optimizer steps (also shortens the schedules)
     seed: int = 0
@@ -193,6 +196,7 @@ class TrainConfig:
             (0.0 < self.eval_fraction < 1.0, f"eval_fraction must be in (0, 1), got {self.eval_fraction}"),
             (self.max_len >= self.drafter.block_size + 2,
              f"max_len {self.max_len} leaves no supervised position for block size {self.drafter.block_size}"),
+            (self.context_tokens is None or self.context_tokens >= 0, "context_tokens must be >= 0 or null"),
             (self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1 or null, got {self.max_steps}"),
             (self.eval_max_windows is None or self.eval_max_windows >= 1, "eval_max_windows must be >= 1 or null"),
             (self.drafter.draft_vocab_size is None or self.drafter.draft_vocab_size >= 1,
@@ -267,6 +271,7 @@ class TrainPlan:
             "draft_vocab_sha256": _array_digest(self.draft_vocab),
             "train_indices_sha256": _array_digest(self.train_indices),
             "max_len": self.config.max_len,
+            "context_tokens": self.config.context_tokens,
             "dtype": self.config.dtype,
             "zero_stage": self.config.deepspeed.zero_stage,
             "num_workers": self.config.scaling.num_workers,
@@ -321,8 +326,8 @@ def prepare_run(config: TrainConfig, *, fresh: bool = False) -> TrainPlan:
         counts = torch.from_numpy(store.token_counts(train_indices))
         draft_vocab = build_draft_vocab(counts, config.drafter.draft_vocab_size).numpy()
 
-    num_train_windows = len(window_table(store, train_indices, config.max_len))
-    num_eval_windows = len(window_table(store, eval_indices, config.max_len))
+    num_train_windows = len(training_windows(store, train_indices, config))
+    num_eval_windows = len(training_windows(store, eval_indices, config))
     windows_per_step = (config.scaling.num_workers * config.deepspeed.micro_batch_size
                         * config.deepspeed.gradient_accumulation_steps)
     steps_per_epoch = num_train_windows // windows_per_step
@@ -380,11 +385,11 @@ def open_checked_store(config: TrainConfig, fingerprint: str):
     return store
 
 
-def window_table(store, indices: np.ndarray, max_len: int) -> np.ndarray:
-    """(sample, start, stop) rows of the max_len windows of the given samples, as FeatureDataset makes them."""
+def training_windows(store, indices: np.ndarray, config: TrainConfig):
+    """The FeatureDataset of the given samples' training windows (max_len, context_tokens)."""
     from feature_store import FeatureDataset
 
-    return FeatureDataset(store, indices, max_len).windows
+    return FeatureDataset(store, indices, config.max_len, config.context_tokens)
 
 
 def local_model_dir(name_or_path: str) -> str:
@@ -764,7 +769,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     import ray.train
     import ray.train.torch
 
-    from feature_store import FeatureDataset, FeatureStore
+    from feature_store import FeatureStore
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -781,8 +786,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     resumed_digest = optimizer_digest(engine, device) if start_step else None
 
     store = FeatureStore.open(config.store, storage_options=config.storage_options)
-    train_set = FeatureDataset(store, plan.train_indices, config.max_len)
-    eval_set = FeatureDataset(store, plan.eval_indices, config.max_len)
+    train_set = training_windows(store, plan.train_indices, config)
+    eval_set = training_windows(store, plan.eval_indices, config)
     held_out = eval_batches(len(eval_set), plan, rank, world)
     logger = MlflowLogger(plan.mlflow_tracking_uri, plan.mlflow_run_id) if rank == 0 else MlflowLogger(None, None)
     engine_info = {"engine": type(engine).__name__, "zero_stage": engine.zero_optimization_stage(),

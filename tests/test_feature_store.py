@@ -505,6 +505,32 @@ def test_feature_dataset_windows_and_collate(tmp_path):
         FeatureDataset(store, [6])
 
 
+def test_feature_dataset_context_tokens_trims_prompts(tmp_path):
+    store = FeatureStore.create(str(tmp_path), make_metadata())
+    samples = make_samples(0, n_samples=6, max_tokens=60)
+    samples[2]["loss_mask"][:] = False  # no loss anywhere: its windows start at its last token
+    store.write_shard(0, samples)
+    store = FeatureStore.open(str(tmp_path))
+    lengths = store.sample_lengths()
+    firsts = store.first_loss_positions()
+    for sample, first in zip(samples, firsts, strict=True):
+        hits = np.flatnonzero(sample["loss_mask"])
+        assert first == (hits[0] if hits.size else len(sample["loss_mask"]))
+
+    dataset = FeatureDataset(store, max_len=8, context_tokens=3)
+    for sample_index in range(6):
+        rows = dataset.windows[dataset.windows[:, 0] == sample_index]
+        start = min(max(firsts[sample_index] - 3, 0), lengths[sample_index] - 1)
+        assert rows[0, 1] == start and rows[-1, 2] == lengths[sample_index]
+        assert (rows[1:, 1] == rows[:-1, 2]).all() and (rows[:, 2] - rows[:, 1] <= 8).all()
+        loss_tokens = sum(int(dataset[int(i)]["loss_mask"].sum()) for i in np.flatnonzero(dataset.windows[:, 0] == sample_index))
+        assert loss_tokens == samples[sample_index]["loss_mask"].sum()  # no loss-masked token is dropped
+    untrimmed = FeatureDataset(store, context_tokens=10_000)
+    np.testing.assert_array_equal(untrimmed.windows[:, 1], 0)
+    with pytest.raises(ValueError, match="context_tokens"):
+        FeatureDataset(store, context_tokens=-1)
+
+
 def test_inspect_prints_summary(tmp_path, capsys):
     store = write_missing_shards(str(tmp_path), n_shards=2)
     assert inspect_main([str(tmp_path), "--verify"]) == 0
