@@ -201,6 +201,7 @@ class FeatureStore:
         self._sample_starts = np.cumsum([0] + [r.n_samples for r in records])  # [n_shards + 1]
         self._arrays: dict[int, dict[str, zarr.Array]] = {}
         self._offsets: dict[int, np.ndarray] = {}
+        self._first_loss: dict[int, np.ndarray] = {}
         self._sample_ids: dict[int, list[str]] = {}
 
     @property
@@ -227,6 +228,18 @@ class FeatureStore:
         if pos not in self._offsets:
             self._offsets[pos] = self._shard_arrays(pos)["offsets"][...]
         return self._offsets[pos]
+
+    def _shard_first_loss(self, pos: int) -> np.ndarray:
+        # Cached like the offsets: the training and held-out windows of a run both need it.
+        if pos not in self._first_loss:
+            offsets = self._shard_offsets(pos)
+            loss_mask = self._shard_arrays(pos)["loss_mask"][...].astype(bool)  # [n_tokens]
+            firsts = []
+            for begin, end in zip(offsets[:-1], offsets[1:], strict=True):
+                hits = np.flatnonzero(loss_mask[begin:end])
+                firsts.append(int(hits[0]) if hits.size else int(end - begin))
+            self._first_loss[pos] = np.asarray(firsts, dtype=np.int64)
+        return self._first_loss[pos]
 
     def _shard_sample_ids(self, pos: int) -> list[str]:
         if pos not in self._sample_ids:
@@ -269,14 +282,8 @@ class FeatureStore:
 
     def first_loss_positions(self) -> np.ndarray:
         """Index of the first loss-masked token of every sample (its length if it has none), int64 [num_samples]."""
-        firsts = []
-        for pos in range(len(self._shards)):
-            offsets = self._shard_offsets(pos)
-            loss_mask = self._shard_arrays(pos)["loss_mask"][...].astype(bool)  # [n_tokens]
-            for begin, end in zip(offsets[:-1], offsets[1:], strict=True):
-                hits = np.flatnonzero(loss_mask[begin:end])
-                firsts.append(int(hits[0]) if hits.size else int(end - begin))
-        return np.asarray(firsts, dtype=np.int64)
+        firsts = [self._shard_first_loss(pos) for pos in range(len(self._shards))]
+        return np.concatenate(firsts) if firsts else np.zeros(0, dtype=np.int64)
 
     def sample_ids(self) -> list[str]:
         """Id of every sample, by global index."""
