@@ -14,6 +14,10 @@ One step:
 3. glancing gives back the truth, feature AND token together, on ceil(round(λ·d)/k) whole k-blocks;
 4. the loss L = SmoothL1(f̂, f) + ω·(α·KL(teacher ‖ drafter) + (1-α)·CE(x)) is taken on the second pass.
 `glancing=False` is the plain teacher-forced step (the "CSGD off" ablation).
+
+The teacher at position q is the target's distribution for x_{q+k+1}: either its top-k logits at q+k as the
+feature store keeps them (exact, and no full-vocabulary matmul: that was ~27% of a demo training step on CPU),
+or lm_head(f_{q+k}) recomputed over the whole vocabulary.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from falcon.drafter import Drafter
 
 IGNORE_INDEX = -100
 NOISE_SCALINGS = ("none", "seq_len")
+TEACHERS = ("auto", "topk", "lm_head")
 # Rows per LM-head chunk when only the argmax is needed: bounds the (rows, vocab) logits held at once.
 ARGMAX_CHUNK_ROWS = 2048
 
@@ -44,8 +49,13 @@ class CSGDConfig:
     dist_weight: float = 0.1  # ω: L = L_reg + ω·L_dist
     kl_weight: float = 0.9  # α: L_dist = α·KL + (1-α)·CE
     smooth_l1_beta: float = 1.0
+    # "topk": the batch's stored top-k logits (renormalised: KL over the teacher's top-k tokens); "lm_head":
+    # recompute full-vocabulary logits from the features; "auto": top-k when the batch has them.
+    teacher: str = "auto"
 
     def __post_init__(self):
+        if self.teacher not in TEACHERS:
+            raise ValueError(f"teacher must be one of {TEACHERS}, got {self.teacher!r}")
         if self.noise_scaling not in NOISE_SCALINGS:
             raise ValueError(f"noise_scaling must be one of {NOISE_SCALINGS}, got {self.noise_scaling!r}")
         if not 0.0 <= self.kl_weight <= 1.0:
@@ -186,20 +196,23 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, values, 0.0).sum() / mask.sum().clamp(min=1)
 
 
-def target_to_draft_ids(draft_to_target: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Inverse of the draft vocabulary map: (vocab_size,) draft id per target id, IGNORE_INDEX if absent."""
-    inverse = torch.full((vocab_size,), IGNORE_INDEX, dtype=torch.long, device=draft_to_target.device)
-    inverse[draft_to_target] = torch.arange(draft_to_target.numel(), device=draft_to_target.device)
-    return inverse
+def to_draft_ids(draft_to_target: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+    """Draft ids (same shape) of target ids under the sorted map `draft_to_target` (V_draft,); IGNORE_INDEX
+    for target ids outside the draft vocabulary."""
+    index = torch.searchsorted(draft_to_target, target_ids).clamp(max=draft_to_target.numel() - 1)
+    return torch.where(draft_to_target[index] == target_ids, index, IGNORE_INDEX)
 
 
 def csgd_loss(pred_features: torch.Tensor, target_features: torch.Tensor, drafter_logits: torch.Tensor,
               teacher_logits: torch.Tensor, target_ids: torch.Tensor, position_mask: torch.Tensor,
-              config: CSGDConfig, draft_to_target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+              config: CSGDConfig, draft_to_target: torch.Tensor | None = None,
+              teacher_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """L = L_reg + ω·(α·KL(teacher ‖ drafter) + (1-α)·CE), in float32, over positions where position_mask.
 
     Any leading shape (...): pred/target_features (..., h), drafter_logits (..., V_draft), teacher_logits
     (..., V) over the full target vocabulary, target_ids (...) target ids, position_mask (...) bool.
+    A sparse teacher: teacher_logits (..., K) are the logits of the target ids `teacher_ids` (..., K) (the
+    stored top-k); the teacher distribution is then renormalised over those K tokens.
     With a reduced draft vocabulary (`draft_to_target`, (V_draft,) target ids) the teacher distribution is
     renormalised over the draft vocabulary and CE ignores labels outside it.
     reg and kl are means over masked positions (reg also over hidden dims), ce over masked positions whose
@@ -211,17 +224,21 @@ def csgd_loss(pred_features: torch.Tensor, target_features: torch.Tensor, drafte
     reg = _masked_mean(reg, position_mask)
 
     teacher_logits = teacher_logits.float()
-    teacher_ids = teacher_logits.argmax(-1)
     labels = torch.where(position_mask, target_ids, 0)
-    if draft_to_target is not None:
-        labels = target_to_draft_ids(draft_to_target, teacher_logits.shape[-1])[labels]
-        teacher_logits = teacher_logits.index_select(-1, draft_to_target)
-    labels = labels.masked_fill(~position_mask, IGNORE_INDEX)
-
     drafter_log_probs = F.log_softmax(drafter_logits.float(), dim=-1)
-    teacher_log_probs = F.log_softmax(teacher_logits, dim=-1)
-    kl = F.kl_div(drafter_log_probs, teacher_log_probs, reduction="none", log_target=True).sum(-1)  # (...)
+    if teacher_ids is None:
+        teacher_argmax = teacher_logits.argmax(-1)
+        if draft_to_target is not None:
+            teacher_logits = teacher_logits.index_select(-1, draft_to_target)
+        teacher_log_probs = F.log_softmax(teacher_logits, dim=-1)
+        kl = F.kl_div(drafter_log_probs, teacher_log_probs, reduction="none", log_target=True).sum(-1)  # (...)
+    else:
+        teacher_argmax = teacher_ids.gather(-1, teacher_logits.argmax(-1, keepdim=True)).squeeze(-1)
+        kl = _sparse_kl(drafter_log_probs, teacher_logits, teacher_ids, draft_to_target)
     kl = _masked_mean(kl, position_mask)
+    if draft_to_target is not None:
+        labels = to_draft_ids(draft_to_target, labels)
+    labels = labels.masked_fill(~position_mask, IGNORE_INDEX)
     labelled = labels != IGNORE_INDEX
     ce = F.nll_loss(drafter_log_probs.reshape(-1, drafter_log_probs.shape[-1]), labels.reshape(-1),
                     ignore_index=IGNORE_INDEX, reduction="sum") / labelled.sum().clamp(min=1)
@@ -230,7 +247,7 @@ def csgd_loss(pred_features: torch.Tensor, target_features: torch.Tensor, drafte
     draft_ids = drafter_logits.argmax(-1)
     if draft_to_target is not None:
         draft_ids = draft_to_target[draft_ids]
-    correct = (draft_ids == teacher_ids) & position_mask
+    correct = (draft_ids == teacher_argmax) & position_mask
     return dict(
         loss=reg + config.dist_weight * dist,
         reg=reg,
@@ -240,6 +257,19 @@ def csgd_loss(pred_features: torch.Tensor, target_features: torch.Tensor, drafte
         top1=correct.sum() / position_mask.sum().clamp(min=1),
         correct=correct,
     )
+
+
+def _sparse_kl(drafter_log_probs: torch.Tensor, teacher_logits: torch.Tensor, teacher_ids: torch.Tensor,
+               draft_to_target: torch.Tensor | None) -> torch.Tensor:
+    """KL(teacher ‖ drafter) (...) with the teacher known on K tokens (..., K) only, renormalised over those
+    of them the drafter can emit; 0 where it can emit none of them."""
+    draft_index = teacher_ids if draft_to_target is None else to_draft_ids(draft_to_target, teacher_ids)
+    emittable = draft_index != IGNORE_INDEX
+    with torch.no_grad():
+        teacher_probs = torch.softmax(teacher_logits.masked_fill(~emittable, -math.inf), dim=-1)
+        teacher_probs = torch.nan_to_num(teacher_probs, nan=0.0)  # rows with nothing emittable
+    drafter_at = drafter_log_probs.gather(-1, draft_index.clamp(min=0))  # (..., K)
+    return (torch.xlogy(teacher_probs, teacher_probs) - teacher_probs * drafter_at).sum(-1)
 
 
 def top1_by_block_offset(correct: torch.Tensor, position_mask: torch.Tensor,
@@ -253,8 +283,11 @@ def top1_by_block_offset(correct: torch.Tensor, position_mask: torch.Tensor,
 
 
 # -- steps ---------------------------------------------------------------------------------------------------
+TOPK_KEYS = ("topk_values", "topk_indices")
+
+
 def _prepare(drafter: Drafter, batch: dict[str, torch.Tensor],
-             lm_head_weight: torch.Tensor) -> dict[str, torch.Tensor]:
+             lm_head_weight: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """Batch on the drafter's device, features in its dtype, aligned to drafter positions."""
     missing = sorted({"hidden_states", "input_ids", "loss_mask"} - set(batch))
     if missing:
@@ -264,11 +297,12 @@ def _prepare(drafter: Drafter, batch: dict[str, torch.Tensor],
     feature_size = batch["hidden_states"].shape[-1]
     if feature_size != hidden_size:
         raise ValueError(f"features have hidden size {feature_size}, the drafter {hidden_size}")
-    if tuple(lm_head_weight.shape) != (drafter.config.vocab_size, hidden_size):
-        raise ValueError(f"lm_head_weight has shape {tuple(lm_head_weight.shape)}, expected the target's "
-                         f"full head ({drafter.config.vocab_size}, {hidden_size})")
-    if lm_head_weight.device != weight.device:
-        raise ValueError(f"lm_head_weight is on {lm_head_weight.device}, the drafter on {weight.device}")
+    if lm_head_weight is not None:
+        if tuple(lm_head_weight.shape) != (drafter.config.vocab_size, hidden_size):
+            raise ValueError(f"lm_head_weight has shape {tuple(lm_head_weight.shape)}, expected the target's "
+                             f"full head ({drafter.config.vocab_size}, {hidden_size})")
+        if lm_head_weight.device != weight.device:
+            raise ValueError(f"lm_head_weight is on {lm_head_weight.device}, the drafter on {weight.device}")
     return align_targets(
         batch["hidden_states"].to(device=weight.device, dtype=weight.dtype),
         batch["input_ids"].to(weight.device),
@@ -278,13 +312,33 @@ def _prepare(drafter: Drafter, batch: dict[str, torch.Tensor],
 
 
 @torch.no_grad()
-def _teacher_logits(aligned: dict[str, torch.Tensor], lm_head_weight: torch.Tensor) -> torch.Tensor:
-    """The target's logits (N, V) at the loss positions: its LM head over the post-norm target features."""
-    target_rows = aligned["target_features"][aligned["position_mask"]]  # (N, h)
-    return F.linear(target_rows.to(lm_head_weight.dtype), lm_head_weight)
+def _teacher(aligned: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], lm_head_weight: torch.Tensor | None,
+             config: CSGDConfig, block_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The target's logits at the N loss positions: (N, K) stored top-k logits and their (N, K) target ids, or
+    (N, V) full-vocabulary logits from its LM head over the post-norm features and None."""
+    mask = aligned["position_mask"]
+    has_topk = all(key in batch for key in TOPK_KEYS)
+    if config.teacher == "topk" and not has_topk:
+        raise ValueError("csgd.teacher is 'topk' but the batch has no topk_values/topk_indices: the feature store "
+                         "was written with topk 0; use teacher 'lm_head'")
+    if config.teacher == "topk" or (config.teacher == "auto" and has_topk):
+        # The teacher of drafter position q is the target at window position q+k; q < S-k holds every loss.
+        supervised = mask[:, :max(mask.shape[1] - block_size, 0)]  # (B, S-k)
+        shift = slice(block_size, block_size + supervised.shape[1])
+        values = batch["topk_values"][:, shift].to(mask.device)[supervised]  # (N, K)
+        ids = batch["topk_indices"][:, shift].to(mask.device)[supervised]
+        return values.float(), ids.long()
+    if lm_head_weight is None:
+        raise ValueError("the LM-head teacher needs lm_head_weight (the batch has no stored top-k logits)")
+    target_rows = aligned["target_features"][mask]  # (N, h)
+    return F.linear(target_rows.to(lm_head_weight.dtype), lm_head_weight), None
 
 
-@torch.no_grad()
+def _teacher_argmax(teacher_logits: torch.Tensor, teacher_ids: torch.Tensor | None) -> torch.Tensor:
+    best = teacher_logits.argmax(-1)
+    return best if teacher_ids is None else teacher_ids.gather(-1, best[:, None]).squeeze(-1)
+
+
 def _head_argmax(logits_fn, features: torch.Tensor) -> torch.Tensor:
     """argmax(logits_fn(features)) (...) computed in row chunks to bound the logits memory."""
     rows = features.reshape(-1, features.shape[-1])  # (B*S, h)
@@ -293,13 +347,14 @@ def _head_argmax(logits_fn, features: torch.Tensor) -> torch.Tensor:
 
 
 def _loss_on_masked(drafter: Drafter, pred_features: torch.Tensor, aligned: dict[str, torch.Tensor],
-                    teacher_logits: torch.Tensor, config: CSGDConfig) -> dict[str, torch.Tensor]:
+                    teacher: tuple[torch.Tensor, torch.Tensor | None], config: CSGDConfig) -> dict[str, torch.Tensor]:
     """csgd_loss on the loss positions only (the LM heads never see the others) + per-block-offset top-1."""
     mask = aligned["position_mask"]
     pred = pred_features[mask]  # (N, h)
     every_row = torch.ones(pred.shape[0], dtype=torch.bool, device=pred.device)
+    teacher_logits, teacher_ids = teacher
     parts = csgd_loss(pred, aligned["target_features"][mask], drafter.logits(pred), teacher_logits,
-                      aligned["target_ids"][mask], every_row, config, drafter.draft_to_target)
+                      aligned["target_ids"][mask], every_row, config, drafter.draft_to_target, teacher_ids)
     correct = torch.zeros_like(mask)
     correct[mask] = parts.pop("correct")
     correct_at, count_at = top1_by_block_offset(correct, mask, drafter.config.block_size)
@@ -315,13 +370,14 @@ def _loss_on_masked(drafter: Drafter, pred_features: torch.Tensor, aligned: dict
 
 
 def csgd_step(drafter: Drafter, batch: dict[str, torch.Tensor], config: CSGDConfig, epoch: float,
-              num_epochs: int, lm_head_weight: torch.Tensor,
+              num_epochs: int, lm_head_weight: torch.Tensor | None = None,
               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """One CSGD training step's loss and metrics.
 
-    batch: hidden_states (B, T, h), input_ids (B, T), loss_mask (B, T), right-padded windows.
-    lm_head_weight: the target's full, frozen LM head (V, h), for the teacher logits; the drafter's attached
-    head may hold only the draft-vocabulary rows, and the target's head may be untied from its embedding.
+    batch: hidden_states (B, T, h), input_ids (B, T), loss_mask (B, T), right-padded windows; optionally the
+    store's topk_values / topk_indices (B, T, K) for the top-k teacher (see CSGDConfig.teacher).
+    lm_head_weight: the target's full, frozen LM head (V, h), for the LM-head teacher (unused with top-k);
+    the drafter's attached head may hold only the draft-vocabulary rows, and may be untied from the embedding.
     generator: drives the noise and the glancing draw (a CPU generator works for any device).
     Returns `loss` (float32, with grad) and detached metrics: reg, dist, kl, ce, top1, acc_at (k,) = top-1
     over positions q with q % k == j, top1_correct_at/top1_count_at (k,) to aggregate, num_positions;
@@ -330,23 +386,23 @@ def csgd_step(drafter: Drafter, batch: dict[str, torch.Tensor], config: CSGDConf
     """
     aligned = _prepare(drafter, batch, lm_head_weight)
     mask, next_ids = aligned["position_mask"], aligned["next_ids"]
-    teacher_logits = _teacher_logits(aligned, lm_head_weight)
+    teacher = _teacher(aligned, batch, lm_head_weight, config, drafter.config.block_size)
     noised = add_uniform_noise(aligned["input_features"], config, generator)
     if not config.glancing:
-        return _loss_on_masked(drafter, drafter(noised, next_ids), aligned, teacher_logits, config)
+        return _loss_on_masked(drafter, drafter(noised, next_ids), aligned, teacher, config)
 
     k = drafter.config.block_size
     with torch.no_grad():
         first_features = drafter(noised, next_ids)  # (B, S, h); output at q predicts f_{q+k}
         first_ids = drafter.to_target_ids(_head_argmax(drafter.logits, first_features))  # (B, S) target ids
     teacher_ids = torch.zeros_like(next_ids)
-    teacher_ids[mask] = teacher_logits.argmax(-1)
+    teacher_ids[mask] = _teacher_argmax(*teacher)
     first_pass_wrong = first_ids != teacher_ids
     ratio = glance_ratio(epoch, num_epochs, config)
     reveal_mask, num_revealed = glance_reveal_mask(first_pass_wrong, mask, k, ratio, generator)
     features, second_ids = second_pass_inputs(noised, next_ids, first_features, first_ids, reveal_mask, k)
 
-    metrics = _loss_on_masked(drafter, drafter(features, second_ids), aligned, teacher_logits, config)
+    metrics = _loss_on_masked(drafter, drafter(features, second_ids), aligned, teacher, config)
     candidate_positions = _blocks_to_positions(candidate_blocks(mask, k), k, mask.shape[-1])
     metrics.update(
         glance_ratio=torch.tensor(ratio, device=mask.device),
@@ -359,9 +415,10 @@ def csgd_step(drafter: Drafter, batch: dict[str, torch.Tensor], config: CSGDConf
 
 @torch.no_grad()
 def csgd_eval_metrics(drafter: Drafter, batch: dict[str, torch.Tensor], config: CSGDConfig,
-                      lm_head_weight: torch.Tensor) -> dict[str, torch.Tensor]:
+                      lm_head_weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Teacher-forced metrics on held-out windows: true inputs, no noise, no glancing; same keys as the
     glancing=False csgd_step (all detached)."""
     aligned = _prepare(drafter, batch, lm_head_weight)
     pred_features = drafter(aligned["input_features"], aligned["next_ids"])
-    return _loss_on_masked(drafter, pred_features, aligned, _teacher_logits(aligned, lm_head_weight), config)
+    teacher = _teacher(aligned, batch, lm_head_weight, config, drafter.config.block_size)
+    return _loss_on_masked(drafter, pred_features, aligned, teacher, config)

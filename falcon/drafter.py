@@ -215,6 +215,8 @@ class Drafter(nn.Module):
             raise ValueError(
                 f"draft vocabulary has {draft_to_target.numel()} ids, config says {self.config.draft_vocab_size}"
             )
+        if (draft_to_target[1:] <= draft_to_target[:-1]).any():
+            raise ValueError("draft vocabulary ids must be strictly increasing (see build_draft_vocab)")
         self.draft_to_target.copy_(draft_to_target)
 
     @property

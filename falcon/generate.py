@@ -162,14 +162,16 @@ def autoregressive_generate(target, input_ids, max_new_tokens: int, eos_token_id
 
 @dataclass
 class DrafterState:
-    """What the drafter has seen. Positions < committed are in its KV cache and LSTM state for good; the
-    target features and next tokens of the positions after them wait in `hidden_states` / `next_ids`."""
+    """What the drafter has seen. Positions < committed are in its KV cache for good; the target features and
+    next tokens of the positions after them wait in `hidden_states` / `next_ids`. The LSTM is causal, so
+    every known position goes through it once: `fused` holds its outputs for the first uncommitted ones."""
 
     hidden_states: torch.Tensor  # (1, L - committed, h): target features f_i of the uncommitted positions
     next_ids: torch.Tensor  # (1, L - committed): the token after each of them, x_{i+1}
     committed: int = 0
     kv: list | None = None  # per layer (keys, values), each (1, kv_heads, committed, d)
-    lstm: tuple | None = None  # LSTM (h, c) after position committed - 1
+    fused: torch.Tensor | None = None  # (1, F, h): LSTM outputs of uncommitted positions committed..committed+F-1
+    lstm: tuple | None = None  # LSTM (h, c) after position committed + F - 1
 
 
 def draft_tree(drafter: Drafter, tree: Tree, state: DrafterState, length: int) -> torch.Tensor:
@@ -183,10 +185,10 @@ def draft_tree(drafter: Drafter, tree: Tree, state: DrafterState, length: int) -
     n_commit = pending - k
     device = state.hidden_states.device
 
-    # Pass 0 over the uncommitted positions; the LSTM runs in two pieces to keep the state at the commit point.
-    fused_commit, lstm_commit = drafter.fuse(state.hidden_states[:, :n_commit], state.next_ids[:, :n_commit], state.lstm)
-    fused_block, lstm_block = drafter.fuse(state.hidden_states[:, n_commit:], state.next_ids[:, n_commit:], lstm_commit)
-    fused = torch.cat([fused_commit, fused_block], dim=1)
+    # Pass 0 over the uncommitted positions; the LSTM only reads those it has not seen (one call per step).
+    seen = 0 if state.fused is None else state.fused.shape[1]
+    fused_new, state.lstm = drafter.fuse(state.hidden_states[:, seen:], state.next_ids[:, seen:], state.lstm)
+    fused = fused_new if state.fused is None else torch.cat([state.fused, fused_new], dim=1)  # (1, pending, h)
     positions = torch.arange(state.committed, length, device=device)[None]
     chunk_mask = torch.cat(
         [torch.ones(pending, state.committed, dtype=torch.bool, device=device),
@@ -204,11 +206,12 @@ def draft_tree(drafter: Drafter, tree: Tree, state: DrafterState, length: int) -
         (torch.cat([pk, key[:, :, n_commit:]], 2), torch.cat([pv, value[:, :, n_commit:]], 2))
         for (pk, pv), (key, value) in zip(state.kv, chunk_kv, strict=True)
     ]
-    state.lstm, state.committed = lstm_commit, state.committed + n_commit
+    state.committed += n_commit
     state.hidden_states, state.next_ids = state.hidden_states[:, n_commit:], state.next_ids[:, n_commit:]
+    state.fused = fused[:, n_commit:]
 
     node_tokens = torch.zeros(tree.num_nodes + 1, dtype=torch.long, device=device)
-    block_features, lstm_state = features[:, n_commit:], lstm_block  # (1, k, h): predicts depths 1..k
+    block_features, lstm_state = features[:, n_commit:], state.lstm  # (1, k, h): predicts depths 1..k
     pass_kv: list[list] = []  # pass_kv[q - 1]: per layer (keys, values) of pass q, (B_q, kv_heads, k, d)
     for p in range(tree.num_passes):
         if p > 0:

@@ -33,6 +33,10 @@ Schedules run over the planned steps (`epochs` x steps per epoch, cut by `max_st
 (linear warm-up, then constant or cosine) and the glancing ratio lambda = lambda_max (E - e)/E + lambda_min
 with e = E x step / planned steps, which is the fractional epoch when `max_steps` does not cut the run.
 
+Teacher: the target's top-k logits as the store keeps them, renormalised over those k tokens, when the store
+has them (`csgd.teacher: auto`); else its LM head over the stored features, a full-vocabulary matmul that
+was ~27% of a demo step on CPU (`csgd.teacher: lm_head` forces it).
+
 Evaluation (held-out split, every epoch and at the end, teacher-forced, no noise): the loss parts, top-1
 accuracy at each position j = 1..k inside the k-block (a_j: does the drafter's argmax at block position j
 equal the target's), and the expected acceptance length of a chain draft of depth D = max_passes x k,
@@ -311,6 +315,9 @@ def prepare_run(config: TrainConfig, *, fresh: bool = False) -> TrainPlan:
     head_source = locate_embedding_and_head(target_dir, config.trust_remote_code)
 
     store = open_checked_store(config, fingerprint)
+    if config.csgd.teacher == "topk" and not store.metadata.topk:
+        raise TrainSetupError(f"csgd.teacher is 'topk' but feature store {config.store} holds no top-k logits "
+                              "(extracted with topk 0): set csgd.teacher to lm_head or auto")
     train_indices, eval_indices = store.split(config.eval_fraction, seed=config.split_seed)
     for name, indices in (("training", train_indices), ("held-out", eval_indices)):
         if len(indices) == 0:
@@ -779,7 +786,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     device, dtype = ray.train.torch.get_device(), DTYPES[config.dtype]
 
     embedding, head = load_frozen_embedding_and_head(plan.head_source, device, dtype)
-    lm_head_weight = head.weight.detach()  # the full target head: the teacher's logits
+    lm_head_weight = head.weight.detach()  # the full target head: the teacher when the store has no top-k
     engine = start_engine(build_drafter(plan, embedding, head, device, dtype), plan)
     module: Drafter = engine.module
     start_step = restore(engine)

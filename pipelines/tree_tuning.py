@@ -408,7 +408,8 @@ def measure_draft_ms(drafter: Drafter, branch_counts: Sequence[int], cache_lengt
     hidden = torch.randn(1, cache_length + 2 * k, drafter.config.hidden_size, generator=generator)
     hidden = hidden.to(device=device, dtype=dtype)
     next_ids = torch.randint(drafter.config.vocab_size, (1, cache_length + 2 * k), generator=generator).to(device)
-    # Commit the context once; each timed call drafts from 2k pending positions, about what one step leaves.
+    # Commit the context once; each timed call drafts from 2k pending positions (k of them new to the LSTM),
+    # about what one step leaves.
     state = DrafterState(hidden[:, :cache_length], next_ids[:, :cache_length])
     draft_tree(drafter, build_tree(TreeConfig.chain(k), k, device=device), state, cache_length)
     length = cache_length + k
@@ -418,7 +419,7 @@ def measure_draft_ms(drafter: Drafter, branch_counts: Sequence[int], cache_lengt
 
         def run():
             fresh = DrafterState(hidden[:, cache_length - k:length], next_ids[:, cache_length - k:length],
-                                 committed=state.committed, kv=state.kv, lstm=state.lstm)
+                                 committed=state.committed, kv=state.kv, fused=state.fused, lstm=state.lstm)
             draft_tree(drafter, tree, fresh, length)
 
         return _median_ms(run, repeats, device)

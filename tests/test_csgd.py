@@ -19,7 +19,7 @@ from falcon.csgd import (
     glance_ratio,
     glance_reveal_mask,
     second_pass_inputs,
-    target_to_draft_ids,
+    to_draft_ids,
     top1_by_block_offset,
 )
 from falcon.drafter import Drafter, DrafterConfig, build_draft_vocab
@@ -187,6 +187,8 @@ def test_config_validation():
         CSGDConfig(noise_scaling="length")
     with pytest.raises(ValueError, match="kl_weight"):
         CSGDConfig(kl_weight=1.5)
+    with pytest.raises(ValueError, match="teacher"):
+        CSGDConfig(teacher="logits")
 
 
 def test_glance_ratio_schedule():
@@ -280,8 +282,41 @@ def test_csgd_loss_reduced_vocab_matches_hand_computation():
     assert out["correct"].tolist() == [[True, False, True]]
 
 
+def test_csgd_loss_sparse_teacher_matches_hand_computation():
+    """A top-k teacher: KL over its K tokens, renormalised over those the draft vocabulary holds."""
+    draft_to_target = torch.tensor([0, 1, 3])
+    drafter_logits = [[0.1, 0.2, 1.9], [math.nan] * 3, [0.3, 1.2, 0.4]]
+    inputs, _ = _loss_inputs(drafter_logits)
+    # Position 0: top-3 target ids 3, 2, 0 (2 is outside the draft vocabulary); position 2: ids 4, 1, 3.
+    teacher_ids = torch.tensor([[[3, 2, 0], [0, 1, 2], [4, 1, 3]]])
+    teacher_values = torch.tensor([[[2.0, 1.5, 0.5], [0.0, 0.0, 0.0], [3.0, 1.0, -1.0]]])
+    out = csgd_loss(**dict(inputs, teacher_logits=teacher_values), config=CSGDConfig(kl_weight=0.5),
+                    draft_to_target=draft_to_target, teacher_ids=teacher_ids)
+
+    kl = 0.0
+    for q, kept, draft_ids in ((0, [2.0, 0.5], [2, 0]), (2, [1.0, -1.0], [1, 2])):
+        p, r = _softmax(kept), _softmax(drafter_logits[q])
+        kl += sum(pi * (math.log(pi) - math.log(r[d])) for pi, d in zip(p, draft_ids, strict=True))
+    kl /= 2
+    ce = -math.log(_softmax(drafter_logits[0])[2])
+    assert out["kl"].item() == pytest.approx(kl, rel=1e-5)
+    assert out["dist"].item() == pytest.approx(0.5 * kl + 0.5 * ce, rel=1e-5)
+    # teacher argmax: target 3 at position 0 (drafter: 3), target 4 at position 2 (drafter: 1).
+    assert out["correct"].tolist() == [[True, False, False]]
+
+
+def test_sparse_teacher_with_nothing_emittable_has_zero_kl():
+    draft_to_target = torch.tensor([0, 1])
+    logits = torch.tensor([[0.5, -0.5]], requires_grad=True)
+    out = csgd_loss(torch.zeros(1, 2), torch.zeros(1, 2), logits, torch.tensor([[1.0, 0.0]]), torch.tensor([5]),
+                    torch.tensor([True]), CSGDConfig(), draft_to_target, teacher_ids=torch.tensor([[5, 6]]))
+    assert out["kl"].item() == 0.0 and out["ce"].item() == 0.0
+    out["loss"].backward()
+    assert torch.isfinite(logits.grad).all()
+
+
 def test_inverse_draft_map_and_offsets():
-    assert target_to_draft_ids(torch.tensor([1, 4]), 6).tolist() == [-100, 0, -100, -100, 1, -100]
+    assert to_draft_ids(torch.tensor([1, 4]), torch.arange(6)).tolist() == [-100, 0, -100, -100, 1, -100]
     correct = torch.tensor([[True, True, False, True, True, False]])
     mask = torch.tensor([[True, True, True, True, False, True]])
     correct_at, count_at = top1_by_block_offset(correct, mask, 2)
@@ -418,6 +453,40 @@ def test_teacher_forced_ablation_and_reduced_vocab(target, padded_batch):
     out["loss"].backward()
 
 
+def _with_topk(target, batch, k):
+    """The batch plus the target's top-k logits per token, as the feature store keeps them."""
+    with torch.no_grad():
+        values, indices = target.lm_head(batch["hidden_states"]).topk(k, dim=-1)
+    return dict(batch, topk_values=values, topk_indices=indices.int())
+
+
+@pytest.mark.parametrize("glancing", [False, True])
+def test_full_vocabulary_topk_teacher_equals_the_lm_head_teacher(target, padded_batch, glancing):
+    batch = _with_topk(target, _batch(padded_batch), VOCAB)
+    steps = {}
+    for teacher in ("topk", "lm_head"):
+        drafter = _drafter(target, draft_vocab_size=64)
+        config = CSGDConfig(glancing=glancing, teacher=teacher)
+        steps[teacher] = csgd_step(drafter, batch, config, 0, 4, target.lm_head.weight,
+                                   torch.Generator().manual_seed(0))
+    for key in ("loss", "kl", "ce", "top1"):
+        assert steps["topk"][key].item() == pytest.approx(steps["lm_head"][key].item(), rel=1e-5), key
+
+
+def test_topk_teacher_needs_no_lm_head_and_is_chosen_automatically(target, padded_batch):
+    batch = _with_topk(target, _batch(padded_batch), 8)
+    drafter = _drafter(target)
+    auto = csgd_eval_metrics(drafter, batch, CSGDConfig())  # no lm_head_weight: the stored top-k is the teacher
+    topk = csgd_eval_metrics(drafter, batch, CSGDConfig(teacher="topk"), target.lm_head.weight)
+    head = csgd_eval_metrics(drafter, batch, CSGDConfig(teacher="lm_head"), target.lm_head.weight)
+    assert auto["kl"].item() == topk["kl"].item() != pytest.approx(head["kl"].item(), rel=1e-3)
+    assert auto["top1"].item() == head["top1"].item()  # same argmax either way
+    with pytest.raises(ValueError, match="topk 0"):
+        csgd_step(drafter, _batch(padded_batch), CSGDConfig(teacher="topk"), 0, 4, target.lm_head.weight)
+    with pytest.raises(ValueError, match="lm_head_weight"):
+        csgd_step(drafter, _batch(padded_batch), CSGDConfig(), 0, 4)
+
+
 def test_step_rejects_bad_batches(target, padded_batch):
     drafter = _drafter(target)
     batch = _batch(padded_batch)
@@ -467,3 +536,11 @@ def test_full_reveal_is_teacher_forcing_and_no_reveal_is_not(target, padded_batc
     out = csgd_step(drafter, window, reveal_none, 0, 4, head, torch.Generator().manual_seed(0))
     assert out["num_revealed"] == 0
     assert out["loss"].item() != pytest.approx(teacher_forced.item(), rel=1e-3)
+
+
+def test_draft_vocabulary_map_must_be_sorted(target):
+    drafter = Drafter(DrafterConfig.from_target(target.config, block_size=2, draft_vocab_size=4))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        drafter.set_draft_vocab(torch.tensor([3, 1, 5, 7]))
+    drafter.set_draft_vocab(torch.tensor([1, 3, 5, 7]))
+    assert to_draft_ids(drafter.draft_to_target, torch.tensor([7, 2, 1])).tolist() == [3, -100, 0]
