@@ -215,3 +215,30 @@ def test_speculative_sampling_keeps_the_target_distribution(temperature, top_p):
     wrong = exact_sequence_probs(target, prompt, length, SamplingConfig(temperature * 1.25, top_p))
     assert chi_square_pvalue(counts, wrong, n) < 1e-6
     assert math.isclose(sum(exact.values()), 1.0, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_drafter_state_reads_each_position_into_the_lstm_once(target, k):
+    """draft_tree caches the LSTM outputs of uncommitted positions: step by step they equal one LSTM pass."""
+    from falcon.generate import DrafterState, draft_tree
+    from falcon.tree import build_tree
+
+    drafter = new_drafter(target, k)
+    hidden_size = drafter.config.hidden_size
+    generator = torch.Generator().manual_seed(3)
+    hidden_states = torch.randn(1, 12, hidden_size, generator=generator)
+    next_ids = torch.randint(0, target.config.vocab_size, (1, 12), generator=generator)
+    tree = build_tree(TreeConfig.chain(2 * k), k, drafter.config.max_tree_depth)
+    state = DrafterState(hidden_states[:, :5], next_ids[:, :5])
+    with torch.no_grad():
+        for length in (5, 6, 9, 12):  # each "step" appends the positions a verification would accept
+            if length > 5:
+                state.hidden_states = torch.cat([state.hidden_states, hidden_states[:, length_before:length]], 1)
+                state.next_ids = torch.cat([state.next_ids, next_ids[:, length_before:length]], 1)
+            draft_tree(drafter, tree, state, length)
+            length_before = length
+            whole, (h, c) = drafter.fuse(hidden_states[:, :length], next_ids[:, :length])
+            assert state.committed == length - k and state.fused.shape[1] == k
+            torch.testing.assert_close(state.fused, whole[:, state.committed:])
+            torch.testing.assert_close(state.lstm[0], h)
+            torch.testing.assert_close(state.lstm[1], c)
