@@ -103,6 +103,8 @@ def test_setup_errors_name_the_problem(workspace, tmp_path):
         prepare_run(tiny_config(workspace, "eval_fraction=1e-9"))
     with pytest.raises(TrainSetupError, match="fewer than one optimizer step"):
         prepare_run(tiny_config(workspace, "deepspeed.micro_batch_size=64"))
+    with pytest.raises(TrainSetupError, match="holds no top-k logits"):
+        prepare_run(tiny_config(workspace, "csgd.teacher=topk"))
 
 
 def test_store_of_another_target_fails_the_job_without_traceback(workspace, tmp_path):
