@@ -287,20 +287,29 @@ def test_crash_leftovers_are_invisible_and_rerun_matches_clean_run(tmp_path):
 def test_kill_9_mid_shard_then_rerun_matches_clean_run(tmp_path):
     clean = write_missing_shards(str(tmp_path / "clean"), n_shards=5)
     killed = tmp_path / "killed"
+    marker = tmp_path / "inside-shard-2"
+    # The writer pauses after the first array of shard 2 so the kill lands mid-shard however loaded the machine
+    # is (polling for the temporary directory raced with zarr clearing it on a busy 2-core box).
     child = (
-        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        f"import sys, time, pathlib; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "import feature_store.shard as shard\n"
         "from test_feature_store import write_missing_shards\n"
+        "write_array = shard._write_array\n"
+        "def pausing(group, name, data):\n"
+        "    write_array(group, name, data)\n"
+        "    if group.attrs['shard_id'] == 2:\n"
+        f"        pathlib.Path({str(marker)!r}).touch()\n"
+        "        time.sleep(600)\n"
+        "shard._write_array = pausing\n"
         f"write_missing_shards({str(killed)!r}, n_shards=5)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", child])
     try:
-        deadline = time.monotonic() + 60
-        while not (killed / "shards").is_dir() or not any(
-            n.startswith(".tmp-shard-00002-") for n in os.listdir(killed / "shards")
-        ):
+        deadline = time.monotonic() + 120
+        while not marker.exists():
             assert proc.poll() is None, "writer exited before it was killed"
-            assert time.monotonic() < deadline, "writer never started shard 2"
-            time.sleep(0.0005)
+            assert time.monotonic() < deadline, "writer never reached shard 2"
+            time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
