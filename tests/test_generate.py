@@ -231,12 +231,10 @@ def test_drafter_state_reads_each_position_into_the_lstm_once(target, k):
     tree = build_tree(TreeConfig.chain(2 * k), k, drafter.config.max_tree_depth)
     state = DrafterState(hidden_states[:, :5], next_ids[:, :5])
     with torch.no_grad():
-        for length in (5, 6, 9, 12):  # each "step" appends the positions a verification would accept
-            if length > 5:
-                state.hidden_states = torch.cat([state.hidden_states, hidden_states[:, length_before:length]], 1)
-                state.next_ids = torch.cat([state.next_ids, next_ids[:, length_before:length]], 1)
+        for known, length in ((5, 5), (5, 6), (6, 9), (9, 12)):  # each step appends what a verification accepted
+            state.hidden_states = torch.cat([state.hidden_states, hidden_states[:, known:length]], 1)
+            state.next_ids = torch.cat([state.next_ids, next_ids[:, known:length]], 1)
             draft_tree(drafter, tree, state, length)
-            length_before = length
             whole, (h, c) = drafter.fuse(hidden_states[:, :length], next_ids[:, :length])
             assert state.committed == length - k and state.fused.shape[1] == k
             torch.testing.assert_close(state.fused, whole[:, state.committed:])
