@@ -203,6 +203,12 @@ def to_draft_ids(draft_to_target: torch.Tensor, target_ids: torch.Tensor) -> tor
     return torch.where(draft_to_target[index] == target_ids, index, IGNORE_INDEX)
 
 
+def teacher_argmax(teacher_logits: torch.Tensor, teacher_ids: torch.Tensor | None) -> torch.Tensor:
+    """The teacher's top token (...) in target ids, from dense (..., V) logits or sparse (..., K) ones + ids."""
+    best = teacher_logits.argmax(-1)
+    return best if teacher_ids is None else teacher_ids.gather(-1, best.unsqueeze(-1)).squeeze(-1)
+
+
 def csgd_loss(pred_features: torch.Tensor, target_features: torch.Tensor, drafter_logits: torch.Tensor,
               teacher_logits: torch.Tensor, target_ids: torch.Tensor, position_mask: torch.Tensor,
               config: CSGDConfig, draft_to_target: torch.Tensor | None = None,
@@ -226,14 +232,13 @@ def csgd_loss(pred_features: torch.Tensor, target_features: torch.Tensor, drafte
     teacher_logits = teacher_logits.float()
     labels = torch.where(position_mask, target_ids, 0)
     drafter_log_probs = F.log_softmax(drafter_logits.float(), dim=-1)
+    teacher_top = teacher_argmax(teacher_logits, teacher_ids)
     if teacher_ids is None:
-        teacher_argmax = teacher_logits.argmax(-1)
         if draft_to_target is not None:
             teacher_logits = teacher_logits.index_select(-1, draft_to_target)
         teacher_log_probs = F.log_softmax(teacher_logits, dim=-1)
         kl = F.kl_div(drafter_log_probs, teacher_log_probs, reduction="none", log_target=True).sum(-1)  # (...)
     else:
-        teacher_argmax = teacher_ids.gather(-1, teacher_logits.argmax(-1, keepdim=True)).squeeze(-1)
         kl = _sparse_kl(drafter_log_probs, teacher_logits, teacher_ids, draft_to_target)
     kl = _masked_mean(kl, position_mask)
     if draft_to_target is not None:
@@ -247,7 +252,7 @@ def csgd_loss(pred_features: torch.Tensor, target_features: torch.Tensor, drafte
     draft_ids = drafter_logits.argmax(-1)
     if draft_to_target is not None:
         draft_ids = draft_to_target[draft_ids]
-    correct = (draft_ids == teacher_argmax) & position_mask
+    correct = (draft_ids == teacher_top) & position_mask
     return dict(
         loss=reg + config.dist_weight * dist,
         reg=reg,
@@ -334,11 +339,7 @@ def _teacher(aligned: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], l
     return F.linear(target_rows.to(lm_head_weight.dtype), lm_head_weight), None
 
 
-def _teacher_argmax(teacher_logits: torch.Tensor, teacher_ids: torch.Tensor | None) -> torch.Tensor:
-    best = teacher_logits.argmax(-1)
-    return best if teacher_ids is None else teacher_ids.gather(-1, best[:, None]).squeeze(-1)
-
-
+@torch.no_grad()
 def _head_argmax(logits_fn, features: torch.Tensor) -> torch.Tensor:
     """argmax(logits_fn(features)) (...) computed in row chunks to bound the logits memory."""
     rows = features.reshape(-1, features.shape[-1])  # (B*S, h)
@@ -396,7 +397,7 @@ def csgd_step(drafter: Drafter, batch: dict[str, torch.Tensor], config: CSGDConf
         first_features = drafter(noised, next_ids)  # (B, S, h); output at q predicts f_{q+k}
         first_ids = drafter.to_target_ids(_head_argmax(drafter.logits, first_features))  # (B, S) target ids
     teacher_ids = torch.zeros_like(next_ids)
-    teacher_ids[mask] = _teacher_argmax(*teacher)
+    teacher_ids[mask] = teacher_argmax(*teacher)
     first_pass_wrong = first_ids != teacher_ids
     ratio = glance_ratio(epoch, num_epochs, config)
     reveal_mask, num_revealed = glance_reveal_mask(first_pass_wrong, mask, k, ratio, generator)
