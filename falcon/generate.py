@@ -21,7 +21,8 @@ import torch
 from transformers import DynamicCache
 
 from falcon.drafter import Drafter, check_drafter_matches, relaxed_causal_mask
-from falcon.tree import Tree, TreeConfig, build_tree, tree_attention_mask
+from falcon.lookup import LookupConfig, NgramIndex
+from falcon.tree import Tree, TreeConfig, build_tree, tree_attention_mask, with_chain
 
 
 @dataclass
@@ -284,9 +285,14 @@ def keep_cache_entries(cache: DynamicCache, start: int, keep: torch.Tensor) -> N
 
 
 class FalconDecoder:
-    """A target, a drafter and a tree, checked once against each other; `generate` runs the decode loop."""
+    """A target, a drafter and a tree, checked once against each other; `generate` runs the decode loop.
 
-    def __init__(self, target, drafter: Drafter, tree: TreeConfig | list | Tree, target_fingerprint: str | None = None):
+    With `lookup` on, a step whose context repeats its last n-gram also verifies the tokens that followed
+    that n-gram before, as a chain under the root beside the drafter's tree (falcon.lookup).
+    """
+
+    def __init__(self, target, drafter: Drafter, tree: TreeConfig | list | Tree, target_fingerprint: str | None = None,
+                 lookup: LookupConfig | None = None):
         if target_fingerprint is not None:
             check_drafter_matches(drafter.config, target_fingerprint)
         if drafter.config.hidden_size != target.config.get_text_config().hidden_size:
@@ -305,6 +311,8 @@ class FalconDecoder:
                 f"{drafter.config.block_size} and supports depth {drafter.config.max_tree_depth}"
             )
         self.target, self.drafter, self.tree = target, drafter.eval(), tree
+        self.lookup = lookup or LookupConfig()
+        self.trees = [with_chain(tree, n) for n in range(self.lookup.num_tokens + 1)]  # by lookup chain length
         self.root_only = build_tree(TreeConfig(paths=[]), drafter.config.block_size, device=device)
 
     @torch.inference_mode()
@@ -324,6 +332,7 @@ class FalconDecoder:
         root = _pick(logits[0, -1], sampling, generator)
         done = _finish(tokens, [root], eos, max_new_tokens)
         state = DrafterState(hidden_states, torch.cat([input_ids[:, 1:], torch.tensor([[root]], device=device)], 1))
+        context = NgramIndex(self.lookup, input_ids[0].tolist() + [root]) if self.lookup.enabled else None
         _sync(device)
         prefill_s = time.perf_counter() - start
 
@@ -331,10 +340,15 @@ class FalconDecoder:
         while not done:
             step_start = time.perf_counter()
             # Fewer than k known positions: no full block to draft from, so the tree is just the root.
-            tree = self.tree if length >= k else self.root_only
-            node_tokens = draft_tree(drafter, tree, state, length) if tree.num_nodes else \
-                torch.zeros(1, dtype=torch.long, device=device)
+            continuation = context.continuation() if context is not None and length >= k else []
+            tree = self.trees[len(continuation)] if length >= k else self.root_only
+            if tree.paths:
+                node_tokens = draft_tree(drafter, tree, state, length)
+            else:
+                node_tokens = torch.zeros(tree.num_nodes + 1, dtype=torch.long, device=device)
             node_tokens[0] = root
+            if continuation:
+                node_tokens[len(tree.paths) + 1:] = torch.tensor(continuation, device=device)
             _sync(device)
             draft_end = time.perf_counter()
 
@@ -355,10 +369,12 @@ class FalconDecoder:
             state.next_ids = torch.cat([state.next_ids, torch.tensor([new_tokens], device=device)], 1)
             length += len(path)
             root = bonus
+            if context is not None:
+                context.extend(new_tokens)
             done = _finish(tokens, new_tokens, eos, max_new_tokens)
             _sync(device)
             steps.append(StepStats(
-                drafted=tree.num_nodes, accepted=len(path) - 1, depth=tree.depth,
+                drafted=tree.num_nodes, accepted=len(path) - 1, depth=tree.max_path_length,
                 draft_s=draft_end - step_start, verify_s=verify_end - draft_end,
                 total_s=time.perf_counter() - step_start,
             ))

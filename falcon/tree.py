@@ -11,6 +11,7 @@ its token from the candidate list (pass branch, j); nodes sharing a pass branch 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -76,11 +77,18 @@ class Tree:
     node_offset: list[torch.Tensor] = field(repr=False)
     node_rank: list[torch.Tensor] = field(repr=False)
     top_ranks: list[int] = field(repr=False)
+    # Nodes len(paths)+1 .. len(paths)+chain_length: a chain under the root filled by context lookup, not the drafter.
+    chain_length: int = 0
 
     @property
     def num_nodes(self) -> int:
         """Draft tokens in the tree, root excluded."""
-        return len(self.paths)
+        return len(self.paths) + self.chain_length
+
+    @property
+    def max_path_length(self) -> int:
+        """Draft tokens on the deepest path: the drafter's depth or the lookup chain's."""
+        return max(self.depth, self.chain_length)
 
     @property
     def num_passes(self) -> int:
@@ -180,3 +188,27 @@ def tree_attention_mask(tree_mask: torch.Tensor, past_length: int, dtype: torch.
     mask = torch.zeros(allowed.shape, dtype=dtype, device=tree_mask.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[None, None]
+
+
+def with_chain(tree: Tree, length: int) -> Tree:
+    """The tree plus a chain of `length` nodes under the root, numbered after the drafter's nodes.
+
+    The drafter's index tables only name nodes 1..len(paths), so they hold unchanged.
+    """
+    if tree.chain_length:
+        raise TreeError("this tree already has a lookup chain")
+    if length == 0:
+        return tree
+    first = tree.num_nodes + 1
+    chain = list(range(first, first + length))
+    num = first + length
+    parents = torch.cat([tree.parents, torch.tensor([0] + chain[:-1], dtype=torch.long, device=tree.parents.device)])
+    depths = torch.cat([tree.depths, torch.arange(1, length + 1, dtype=torch.long, device=tree.depths.device)])
+    tree_mask = torch.zeros(num, num, dtype=torch.bool, device=tree.tree_mask.device)
+    tree_mask[:first, :first] = tree.tree_mask
+    tree_mask[first:, 0] = True
+    tree_mask[first:, first:] = torch.ones(length, length, dtype=torch.bool, device=tree_mask.device).tril()
+    children = [list(c) for c in tree.children] + [[node + 1] for node in chain[:-1]] + [[]]
+    children[0].append(first)
+    return dataclasses.replace(tree, parents=parents, depths=depths, tree_mask=tree_mask, children=children,
+                               chain_length=length)
