@@ -8,9 +8,9 @@ Protocol (stated in every report):
   warm-up of every method first. For each prompt the methods run one after another, the order rotating
   from prompt to prompt, so that load from elsewhere on the machine hits every method alike.
 - Methods: `autoregressive` (the project's own plain decoding loop), `hf_generate` (transformers'
-  greedy `generate`), `falcon` (the registered drafter and tree), `prompt_lookup` (transformers'
-  prompt-lookup decoding), optionally `falcon+lookup` (the package's drafter and tree plus a chain of tokens
-  copied from the context, falcon.lookup) and any extra drafter directory (ablations), decoded with the
+  greedy `generate`), `falcon` (the registered drafter and tree, with the
+  package's context-lookup chain if it has one), `falcon-drafter-only` (the same without the lookup chain),
+  `prompt_lookup` (transformers' prompt-lookup decoding) and any extra drafter directory (ablations), decoded with the
   package's tree cut to the depth that drafter supports, or a tree of its own.
 - The baseline is the faster of `autoregressive` and `hf_generate` (by mean per-sample tokens/s), so no
   speedup is claimed against a slow loop.
@@ -46,7 +46,6 @@ from tqdm.auto import tqdm
 
 from falcon.drafter import load_drafter
 from falcon.generate import FalconDecoder, GenerationResult
-from falcon.lookup import LookupConfig
 from falcon.tree import TreeConfig
 from pipelines.config import load_section
 from pipelines.inference import FalconPackage, encode_prompt, load_falcon
@@ -54,7 +53,7 @@ from pipelines.ray_utils import use_torch_threads
 from pipelines.tracking import ensure_experiment, resolve_tracking_uri
 
 BASELINES = ("autoregressive", "hf_generate")
-LOOKUP_METHOD = "falcon+lookup"
+DRAFTER_ONLY = "falcon-drafter-only"
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
 SPEEDUP_PNG, ACCEPTED_PNG = "speedup.png", "accepted_lengths.png"
 
@@ -101,8 +100,8 @@ class BenchmarkConfig:
     prompt_lookup_num_tokens: int = 10
     prompt_lookup_max_ngram: int = 2
     extra_drafters: list[ExtraDrafter] = field(default_factory=list)
-    # num_tokens > 0: also `falcon+lookup`, the package's drafter and tree plus a context-lookup chain (falcon.lookup)
-    falcon_lookup: LookupConfig = field(default_factory=LookupConfig)
+    # A package decoding with a context-lookup chain (falcon.lookup) is also run without it, as `falcon-drafter-only`
+    drafter_only: bool = True
     # A divergence is a numerical tie when the exact margin between the two tokens is at most this many times
     # (the rounding error the inference dtype made on it + one ulp of the logits) (DivergenceAuditor).
     tie_factor: float = 2.0
@@ -117,7 +116,7 @@ class BenchmarkConfig:
         names = [d.name for d in self.datasets]
         if len(set(names)) != len(names):
             raise ValueError(f"dataset names must be unique, got {names}")
-        methods = ["falcon", *BASELINES, "prompt_lookup", LOOKUP_METHOD, *(e.name for e in self.extra_drafters)]
+        methods = ["falcon", *BASELINES, "prompt_lookup", DRAFTER_ONLY, *(e.name for e in self.extra_drafters)]
         if len(set(methods)) != len(methods):
             raise ValueError(f"extra drafter names must differ from each other and from {methods[:5]}")
 
@@ -197,9 +196,9 @@ def build_methods(config: BenchmarkConfig, package: FalconPackage) -> dict[str, 
         methods["prompt_lookup"] = hf_generate_method(
             target, eos, n, prompt_lookup_num_tokens=config.prompt_lookup_num_tokens,
             max_matching_ngram_size=config.prompt_lookup_max_ngram)
-    if config.falcon_lookup.enabled:
-        lookup = FalconDecoder(target, package.drafter, package.tree_paths, lookup=config.falcon_lookup)
-        methods[LOOKUP_METHOD] = lambda ids: _from_result(lookup.generate(ids, n, eos_token_id=eos))
+    if config.drafter_only and package.decoder.lookup.enabled:
+        drafter_only = FalconDecoder(target, package.drafter, package.tree_paths)
+        methods[DRAFTER_ONLY] = lambda ids: _from_result(drafter_only.generate(ids, n, eos_token_id=eos))
     for extra in config.extra_drafters:
         decoder = extra_decoder(extra, package)
         methods[extra.name] = lambda ids, decoder=decoder: _from_result(decoder.generate(ids, n, eos_token_id=eos))
@@ -431,7 +430,8 @@ def format_markdown(report: dict[str, Any]) -> str:
         f"{report['config']['dtype']} · batch 1 · greedy · max_new_tokens {report['config']['max_new_tokens']}",
         "",
         f"Target {report['model']['target']}; drafter k={report['model']['drafter'].get('block_size')}, "
-        f"draft vocab {report['model']['drafter'].get('draft_vocab_size')}; tree {report['model']['tree']}",
+        f"draft vocab {report['model']['drafter'].get('draft_vocab_size')}; tree {report['model']['tree']}; "
+        f"context lookup {report['model'].get('lookup') or 'off'}",
         "",
     ]
     for dataset, result in report["results"].items():
@@ -556,7 +556,7 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
         "config": asdict(config),
         "model": {"uri": config.model, "fingerprint": package.fingerprint, "target": package.info["target"].get("spec")
                   or package.info["target"].get("architecture"), "drafter": package.info.get("drafter", {}),
-                  "tree": package.info.get("tree", {}), "registry": package.info.get("registry", {})},
+                  "tree": package.info.get("tree", {}), "lookup": package.info.get("lookup"), "registry": package.info.get("registry", {})},
         "definitions": DEFINITIONS,
         "results": summarise(records),
         "samples": records,

@@ -26,7 +26,7 @@ import json
 import os
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ import yaml
 
 from falcon.drafter import DrafterMismatchError, load_drafter
 from falcon.generate import FalconDecoder, GenerationResult, SamplingConfig, autoregressive_generate
+from falcon.lookup import LookupConfig
 from falcon.target import describe_target, load_target, target_fingerprint
 from pipelines.tracking import DEFAULT_TRACKING_URI, resolve_tracking_uri
 
@@ -198,13 +199,18 @@ def _load_from_dir(package_dir: Path, info: dict[str, Any], device: str, dtype: 
             "elsewhere), or package a drafter trained for this target"
         )
     drafter = load_drafter(package_dir / DRAFTER_DIR, model, target_fingerprint=fingerprint)
-    decoder = FalconDecoder(model, drafter, tree["paths"], target_fingerprint=fingerprint)
+    try:
+        lookup = LookupConfig(**tree.get("lookup", {}))  # packages from before lookup: off
+    except (TypeError, ValueError) as error:
+        raise PackageError(f"{package_dir / TREE_FILE}: bad lookup settings {tree.get('lookup')!r}: {error}") from error
+    decoder = FalconDecoder(model, drafter, tree["paths"], target_fingerprint=fingerprint, lookup=lookup)
     info.update(
         package_dir=str(package_dir),
         content_hash=meta.get("content_hash"),
         expected=meta.get("expected", {}),
         target={"spec": target_ref.get("spec"), **describe_target(model, tokenizer)},
         tree=tree.get("summary", {}),
+        lookup=asdict(lookup),
         drafter={"block_size": drafter.config.block_size, "draft_vocab_size": drafter.config.draft_vocab_size,
                  "num_layers": drafter.config.num_layers, "max_passes": drafter.config.max_passes},
     )

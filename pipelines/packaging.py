@@ -32,7 +32,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from typing import Any
 import yaml
 
 from falcon.drafter import CONFIG_FILE, WEIGHTS_FILE, load_drafter
+from falcon.lookup import LookupConfig
 from falcon.target import describe_target, load_target, target_fingerprint
 from pipelines.config import ConfigError, load_section
 from pipelines.inference import (
@@ -91,6 +92,8 @@ class PackageConfig:
     tracking_uri: str = DEFAULT_TRACKING_URI
     experiment: str = "falcon-drafter-package"
     tree: TreeTuningConfig = field(default_factory=TreeTuningConfig)
+    # A chain of tokens copied from the context, verified beside the tree (falcon.lookup); num_tokens 0: off.
+    lookup: LookupConfig = field(default_factory=LookupConfig)
 
     def __post_init__(self) -> None:
         if not self.run_dir:
@@ -129,33 +132,34 @@ def load_package_config(path: str | Path, overrides: list[str] | None = None) ->
 # The package directory
 
 
-def content_hash(drafter_dir: Path, tree_paths: list[list[int]], fingerprint: str) -> str:
-    """sha256 over what the package computes with: drafter weights and config, tree, target fingerprint."""
+def content_hash(drafter_dir: Path, tree_paths: list[list[int]], fingerprint: str, lookup: dict[str, Any]) -> str:
+    """sha256 over what the package computes with: drafter weights and config, tree, lookup, target fingerprint."""
     digest = hashlib.sha256()
     with (drafter_dir / WEIGHTS_FILE).open("rb") as weights:
         for chunk in iter(lambda: weights.read(1 << 20), b""):
             digest.update(chunk)
     drafter_config = json.loads((drafter_dir / CONFIG_FILE).read_text())
     canonical_paths = sorted((list(p) for p in tree_paths), key=lambda p: (len(p), p))
-    for part in (drafter_config, canonical_paths, fingerprint):
+    for part in (drafter_config, canonical_paths, fingerprint, lookup):
         digest.update(json.dumps(part, sort_keys=True).encode())
     return digest.hexdigest()
 
 
 def write_package(package_dir: Path, drafter_dir: Path, tree_paths: list[list[int]], tree_report: dict[str, Any],
-                  target_ref: dict[str, Any]) -> dict[str, Any]:
+                  target_ref: dict[str, Any], lookup: LookupConfig) -> dict[str, Any]:
     """(Re)write the package directory; returns its package.json content."""
     if package_dir.exists():
         shutil.rmtree(package_dir)
     shutil.copytree(drafter_dir, package_dir / DRAFTER_DIR)
     block_size = tree_report["block_size"]
     (package_dir / TREE_FILE).write_text(json.dumps(
-        {"paths": tree_paths, "block_size": block_size, "summary": tree_report["summary"]}, indent=1) + "\n")
+        {"paths": tree_paths, "block_size": block_size, "summary": tree_report["summary"], "lookup": asdict(lookup)},
+        indent=1) + "\n")
     (package_dir / TARGET_FILE).write_text(json.dumps(target_ref, indent=2) + "\n")
     (package_dir / REPORT_FILE).write_text(json.dumps(tree_report, indent=1) + "\n")
     meta = {
         "format": PACKAGE_FORMAT,
-        "content_hash": content_hash(drafter_dir, tree_paths, target_ref["fingerprint"]),
+        "content_hash": content_hash(drafter_dir, tree_paths, target_ref["fingerprint"], asdict(lookup)),
         "tree_mode": tree_report["mode"],
         "expected": {key: tree_report[key] for key in ("expected_tau", "empirical_tau", "expected_speedup", "step_ms",
                                                        "plain_step_ms") if key in tree_report},
@@ -252,6 +256,7 @@ class PackageResult:
     tree_paths: list[list[int]]
     tree_report: dict[str, Any]
     package_dir: str
+    lookup: LookupConfig
 
     @property
     def model_uri(self) -> str:
@@ -313,11 +318,12 @@ def run_packaging(config: PackageConfig, *, fresh: bool = False) -> PackageResul
         "description": describe_target(target, tokenizer),
     }
     package_dir = run_dir / PACKAGE_SUBDIR
-    meta = write_package(package_dir, drafter_dir, tree_paths, report, target_ref)
+    meta = write_package(package_dir, drafter_dir, tree_paths, report, target_ref, config.lookup)
     summary = report["summary"]
     params = {"tree_mode": report["mode"], "tree_nodes": summary["nodes"], "tree_depth": summary["depth"],
               "block_size": report["block_size"], "target_fingerprint": fingerprint, "drafter_dir": str(drafter_dir),
-              "store": config.store, "device": config.device, "dtype": config.dtype}
+              "store": config.store, "device": config.device, "dtype": config.dtype,
+              "lookup_tokens": config.lookup.num_tokens}
     metrics = {key: float(report[key]) for key in ("expected_tau", "empirical_tau", "expected_speedup", "step_ms",
                                                     "plain_step_ms") if key in report}
     tags = {CONTENT_HASH_TAG: meta["content_hash"]}
@@ -328,7 +334,7 @@ def run_packaging(config: PackageConfig, *, fresh: bool = False) -> PackageResul
                         tracking_uri=config.tracking_uri, experiment=config.experiment,
                         model_config={"device": config.device, "dtype": config.dtype},
                         params=params, metrics=metrics, tags=tags)
-    result = PackageResult(published, tree_paths, report, str(package_dir))
+    result = PackageResult(published, tree_paths, report, str(package_dir), config.lookup)
     (run_dir / SUMMARY_FILE).write_text(json.dumps({
         "model_uri": published.model_uri, "name": published.name, "version": published.version,
         "alias": published.alias, "reused_version": published.reused, "run_id": published.run_id,
@@ -347,6 +353,7 @@ def describe_result(result: PackageResult) -> str:
         f"registry: {published.tracking_uri}",
         f"tree ({report['mode']}): {summary['nodes']} nodes, depth {summary['depth']}, per depth "
         f"{summary['nodes_per_depth']}, branches per drafter pass {summary['pass_branches']}",
+        f"context lookup: {result.lookup}",
     ]
     if "expected_tau" in report:
         lines.append(

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from falcon.drafter import Drafter, DrafterConfig, save_drafter
+from falcon.lookup import LookupConfig
 from falcon.target import load_target, target_fingerprint
 from falcon.testing import make_tiny_target
 from pipelines.benchmark import (
@@ -43,7 +44,8 @@ def workspace(tmp_path_factory):
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     run_packaging(PackageConfig(run_dir=str(root / "package"), drafter_dir=str(root / "k2"), target=str(root / "target"),
                                 dtype="float32", model_name="falcon-bench-test", tracking_uri=tracking_uri,
-                                tree=TreeTuningConfig(mode="fixed", branching=[3, 2, 1, 1])))
+                                tree=TreeTuningConfig(mode="fixed", branching=[3, 2, 1, 1]),
+                                lookup=LookupConfig(num_tokens=4, min_ngram=1)))
     rows = [{"id": f"mt-{i}", "messages": [{"role": "user", "content": p}], "turns": [p, "Now say it shorter."]}
             for i, p in enumerate(PROMPTS)]
     (root / "mt.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -69,7 +71,8 @@ def test_report_covers_every_method_and_dataset_and_is_lossless(workspace):
         assert (bench / name).is_file(), name
     assert set(report["results"]) == {"mt_bench", "code"}
     mt = report["results"]["mt_bench"]
-    assert set(mt["methods"]) == {"autoregressive", "falcon", "hf_generate", "prompt_lookup", "k1"}
+    assert set(mt["methods"]) == {"autoregressive", "falcon", "falcon-drafter-only", "hf_generate", "prompt_lookup", "k1"}
+    assert report["model"]["lookup"] == {"num_tokens": 4, "max_ngram": 3, "min_ngram": 1}
     assert mt["methods"]["falcon"]["samples"] == 4  # two prompts x two turns
     assert [s["id"] for s in report["samples"]["mt_bench"]["falcon"]] == ["mt-0", "mt-0/turn2", "mt-1", "mt-1/turn2"]
     for result in report["results"].values():
@@ -78,7 +81,7 @@ def test_report_covers_every_method_and_dataset_and_is_lossless(workspace):
         for name, method in result["methods"].items():
             assert method["real_divergences"] == 0, (name, report["samples"])
             assert method["speedup"] > 0 and method["tokens_per_s_mean"] > 0
-        for name in ("falcon", "k1"):  # our decoders: exactly the reference, and tau counts the bonus token
+        for name in ("falcon", "falcon-drafter-only", "k1"):  # our decoders: exactly the reference, and tau counts the bonus token
             assert result["methods"][name]["identical"] == result["methods"][name]["samples"]
             assert result["methods"][name]["tau"] >= 1.0 and 0 <= result["methods"][name]["alpha"] <= 1
     k1_depths = {a for recs in report["samples"]["mt_bench"]["k1"] for a in recs["accepted"]}

@@ -104,6 +104,7 @@ def test_whole_chain_as_ray_jobs_then_the_registered_model_generates_losslessly(
     assert all(m["real_divergences"] == 0 for m in report["results"]["mt_bench"]["methods"].values())
 
     package = load_falcon("models:/falcon-chain-test@champion", tracking_uri=tracking, dtype="float32")
+    assert package.decoder.lookup.num_tokens == 4  # the tiny config packages a context-lookup chain
     for prompt in prompts[:3]:
         expected = autoregressive_generate(package.target, encode_prompt(package.tokenizer, prompt), 32,
                                            eos_token_id=package.eos_token_ids).tokens
