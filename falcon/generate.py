@@ -2,7 +2,8 @@
 
 One decoding step (batch 1):
   1. draft:  the drafter reads the target features it has not seen yet, then runs its passes over the tree,
-             k tokens per pass and branch;
+             k tokens per pass and branch (with lookup on, a chain of tokens copied from the context is
+             added under the root);
   2. verify: the target runs root + tree in ONE forward with tree attention over its KV cache;
   3. accept: the longest path the target agrees with (greedy), or the path speculative sampling keeps,
              plus one token from the target itself (the bonus token);

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 class LookupConfig:
     num_tokens: int = 0  # tokens proposed per step when the context has a match; 0: lookup off
     max_ngram: int = 3  # the longest suffix matched first...
-    min_ngram: int = 2  # ...then shorter ones down to this (1 matches any repeated token: noisy)
+    min_ngram: int = 1  # ...then shorter ones down to this (demo MT-Bench τ 2.10 with 1, 1.83 with 2)
 
     def __post_init__(self) -> None:
         if self.num_tokens < 0:

@@ -11,8 +11,7 @@ its token from the candidate list (pass branch, j); nodes sharing a pass branch 
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -210,5 +209,5 @@ def with_chain(tree: Tree, length: int) -> Tree:
     tree_mask[first:, first:] = torch.ones(length, length, dtype=torch.bool, device=tree_mask.device).tril()
     children = [list(c) for c in tree.children] + [[node + 1] for node in chain[:-1]] + [[]]
     children[0].append(first)
-    return dataclasses.replace(tree, parents=parents, depths=depths, tree_mask=tree_mask, children=children,
+    return replace(tree, parents=parents, depths=depths, tree_mask=tree_mask, children=children,
                                chain_length=length)
