@@ -28,7 +28,7 @@ from falcon.generate import DrafterState, SamplingConfig, autoregressive_generat
 from falcon.target import load_target, target_fingerprint
 from falcon.testing import make_tiny_target
 from falcon.tree import TreeConfig, build_tree
-from pipelines.inference import encode_prompt, generate_text, load_falcon
+from pipelines.inference import PackageError, encode_prompt, generate_text, load_falcon
 from pipelines.packaging import CONTENT_HASH_TAG, PackageConfig, load_package_config, run_packaging
 from pipelines.tree_tuning import (
     AcceptanceStats,
@@ -288,6 +288,17 @@ def test_fingerprint_mismatch_is_refused(workspace, packaged):
         load_falcon(packaged.package_dir, target=other)
 
 
+def test_bad_lookup_settings_in_a_package_are_refused(packaged, tmp_path):
+    import shutil
+
+    package_dir = tmp_path / "package"
+    shutil.copytree(packaged.package_dir, package_dir)
+    tree = json.loads((package_dir / "tree.json").read_text())
+    (package_dir / "tree.json").write_text(json.dumps({**tree, "lookup": {"num_tokens": 2, "min_ngram": 0}}))
+    with pytest.raises(PackageError, match="bad lookup settings"):
+        load_falcon(package_dir, dtype="float32")
+
+
 def test_pyfunc_predict_returns_text_and_stats(workspace, packaged, monkeypatch):
     import mlflow
 
@@ -328,6 +339,14 @@ def test_job_rerun_reuses_the_version(workspace, packaged, capsys):
     assert main(["--config", str(config_path)]) == 0
     assert int(client.get_model_version_by_alias(MODEL_NAME, "champion").version) == 1
     assert len(client.search_model_versions(f"name='{MODEL_NAME}'")) == 2
+
+    # So are other lookup settings, and the loaded package decodes with them.
+    assert main(["--config", str(config_path), "--set", "lookup.num_tokens=3"]) == 0
+    assert int(client.get_model_version_by_alias(MODEL_NAME, "champion").version) == 3
+    package = load_falcon(f"models:/{MODEL_NAME}@champion", tracking_uri=ws["tracking_uri"], dtype="float32")
+    assert package.decoder.lookup.num_tokens == 3 and package.info["lookup"]["num_tokens"] == 3
+    assert main(["--config", str(config_path)]) == 0
+    assert int(client.get_model_version_by_alias(MODEL_NAME, "champion").version) == 1
 
 
 def test_job_reports_a_missing_drafter(workspace, tmp_path, capsys):
