@@ -353,7 +353,6 @@ def describe_result(result: PackageResult) -> str:
         f"registry: {published.tracking_uri}",
         f"tree ({report['mode']}): {summary['nodes']} nodes, depth {summary['depth']}, per depth "
         f"{summary['nodes_per_depth']}, branches per drafter pass {summary['pass_branches']}",
-        f"context lookup: {result.lookup}",
     ]
     if "expected_tau" in report:
         lines.append(
@@ -361,6 +360,10 @@ def describe_result(result: PackageResult) -> str:
             f"{report['step_ms']:.1f} ms vs plain {report['plain_step_ms']:.1f} ms; expected speedup "
             f"{report['expected_speedup']:.2f}x (drafting + verification only, loop overhead excluded)"
         )
+    lookup = result.lookup
+    lines.append(f"context lookup: up to {lookup.num_tokens} tokens after {lookup.max_ngram}..{lookup.min_ngram}-gram "
+                 "matches, verified beside the tree (not in the expected figures)" if lookup.enabled else
+                 "context lookup: off")
     if "warning" in report:
         lines.append(f"warning: {report['warning']}")
     return "\n".join(lines)
