@@ -8,10 +8,10 @@ Protocol (stated in every report):
   warm-up of every method first. For each prompt the methods run one after another, the order rotating
   from prompt to prompt, so that load from elsewhere on the machine hits every method alike.
 - Methods: `autoregressive` (the project's own plain decoding loop), `hf_generate` (transformers'
-  greedy `generate`), `falcon` (the registered drafter and tree, with the
-  package's context-lookup chain if it has one), `falcon-drafter-only` (the same without the lookup chain),
-  `prompt_lookup` (transformers' prompt-lookup decoding) and any extra drafter directory (ablations), decoded with the
-  package's tree cut to the depth that drafter supports, or a tree of its own.
+  greedy `generate`), `falcon` (the registered drafter and tree, with the package's context-lookup chain if
+  it has one), `falcon-drafter-only` (the same without the lookup chain), `prompt_lookup` (transformers'
+  prompt-lookup decoding) and any extra drafter directory (ablations), decoded with the package's tree cut
+  to the depth that drafter supports, or a tree of its own.
 - The baseline is the faster of `autoregressive` and `hf_generate` (by mean per-sample tokens/s), so no
   speedup is claimed against a slow loop.
 - tokens/s of a sample: new tokens / wall time of the whole call, prefill included.

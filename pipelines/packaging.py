@@ -10,8 +10,8 @@ shape), write the package directory (layout in `pipelines.inference`), and log i
 CODE (`pipelines/falcon_pyfunc.py`; nothing pickled) in an MLflow run, registered under `model_name` with
 the alias set.
 
-Idempotence: the package's content hash (drafter weights and config, tree paths, target fingerprint) is a
-tag of the model version. When a version of `model_name` already carries the hash, no run and no version
+Idempotence: the package's content hash (drafter weights and config, tree paths, lookup settings, target fingerprint)
+is a tag of the model version. When a version of `model_name` already carries the hash, no run and no version
 are made; the alias is pointed at that version. A tuned tree is kept in `run_dir` with the inputs it was
 tuned for and reused on re-runs (timings are noisy, so re-tuning could give another tree); `fresh=True`
 re-tunes.
