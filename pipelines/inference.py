@@ -310,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     source = f"{registry['name']} v{registry['version']}" if registry else package.info["package_dir"]
     tree = package.info["tree"]
     print(f"model {source}: target {package.info['target']['architecture']} ({package.fingerprint}), "
-          f"tree {tree.get('nodes')} nodes depth {tree.get('depth')}, {args.dtype} on {args.device}")
+          f"tree {tree.get('nodes')} nodes depth {tree.get('depth')}, lookup chain "
+          f"{package.decoder.lookup.num_tokens or 'off'}, {args.dtype} on {args.device}")
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     generate_text(package, args.prompt, 4, sampling)  # warm-up: first calls pay one-off allocation costs
     falcon = generate_text(package, args.prompt, args.max_new_tokens, sampling)

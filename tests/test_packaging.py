@@ -288,6 +288,17 @@ def test_fingerprint_mismatch_is_refused(workspace, packaged):
         load_falcon(packaged.package_dir, target=other)
 
 
+def test_inference_cli_generates_and_compares(packaged, capsys):
+    from pipelines.inference import main
+
+    assert main(["--model", packaged.package_dir, "--prompt", PROMPTS[0], "--max-new-tokens", "8",
+                 "--dtype", "float32"]) == 0
+    output = capsys.readouterr().out
+    assert "lookup chain off" in output and "identical output" in output and "speedup" in output
+    assert main(["--model", "no/such/package", "--prompt", "Hi"]) == 1
+    assert "neither an existing directory nor an MLflow URI" in capsys.readouterr().err
+
+
 def test_bad_lookup_settings_in_a_package_are_refused(packaged, tmp_path):
     import shutil
 
