@@ -340,9 +340,11 @@ class FalconDecoder:
         steps: list[StepStats] = []
         while not done:
             step_start = time.perf_counter()
-            # Fewer than k known positions: no full block to draft from, so the tree is just the root.
-            continuation = context.continuation() if context is not None and length >= k else []
-            tree = self.trees[len(continuation)] if length >= k else self.root_only
+            if length < k:  # no full block to draft from: the tree is just the root
+                tree, continuation = self.root_only, []
+            else:
+                continuation = context.continuation() if context is not None else []
+                tree = self.trees[len(continuation)]
             if tree.paths:
                 node_tokens = draft_tree(drafter, tree, state, length)
             else:

@@ -151,15 +151,15 @@ def write_package(package_dir: Path, drafter_dir: Path, tree_paths: list[list[in
     if package_dir.exists():
         shutil.rmtree(package_dir)
     shutil.copytree(drafter_dir, package_dir / DRAFTER_DIR)
-    block_size = tree_report["block_size"]
+    block_size, lookup_settings = tree_report["block_size"], asdict(lookup)
     (package_dir / TREE_FILE).write_text(json.dumps(
-        {"paths": tree_paths, "block_size": block_size, "summary": tree_report["summary"], "lookup": asdict(lookup)},
+        {"paths": tree_paths, "block_size": block_size, "summary": tree_report["summary"], "lookup": lookup_settings},
         indent=1) + "\n")
     (package_dir / TARGET_FILE).write_text(json.dumps(target_ref, indent=2) + "\n")
     (package_dir / REPORT_FILE).write_text(json.dumps(tree_report, indent=1) + "\n")
     meta = {
         "format": PACKAGE_FORMAT,
-        "content_hash": content_hash(drafter_dir, tree_paths, target_ref["fingerprint"], asdict(lookup)),
+        "content_hash": content_hash(drafter_dir, tree_paths, target_ref["fingerprint"], lookup_settings),
         "tree_mode": tree_report["mode"],
         "expected": {key: tree_report[key] for key in ("expected_tau", "empirical_tau", "expected_speedup", "step_ms",
                                                        "plain_step_ms") if key in tree_report},
