@@ -12,8 +12,13 @@ its token from the candidate list (pass branch, j); nodes sharing a pass branch 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from numbers import Integral
 
 import torch
+
+# Draft tokens a served tree may hold. The paper's trees have 100-200; every node is verified by the target at
+# every step, so far larger trees cost more than acceptance can gain back, and mostly mean a broken tree file.
+MAX_TREE_NODES = 1024
 
 
 class TreeError(ValueError):
@@ -39,11 +44,20 @@ class TreeConfig:
                 frontier = [prefix + (rank,) for prefix in frontier for rank in range(width)]
                 paths.extend(frontier)
             return paths
-        return [tuple(int(r) for r in path) for path in self.paths]
+        if not isinstance(self.paths, list | tuple):
+            raise TreeError(f"tree paths must be a list of paths, got {type(self.paths).__name__}")
+        return [_as_path(path) for path in self.paths]
 
     @classmethod
     def chain(cls, depth: int) -> TreeConfig:
         return cls(branching=[1] * depth)
+
+
+def _as_path(path) -> tuple[int, ...]:
+    """A path as a tuple of ranks; anything but a list of integers (a string, 1.5, true) is refused, not cast."""
+    if not isinstance(path, list | tuple) or not all(isinstance(r, Integral) and not isinstance(r, bool) for r in path):
+        raise TreeError(f"a tree path is a list of integer ranks, got {path!r}")
+    return tuple(int(r) for r in path)
 
 
 @dataclass
@@ -94,8 +108,13 @@ class Tree:
         return len(self.node_ids)
 
 
-def build_tree(config: TreeConfig | list, block_size: int, max_depth: int | None = None, device=None) -> Tree:
-    """Validate a tree shape and precompute its index tables for drafters of block size k."""
+def build_tree(config: TreeConfig | list, block_size: int, max_depth: int | None = None, device=None, *,
+               num_candidates: int | None = None, max_nodes: int | None = None) -> Tree:
+    """Validate a tree shape and precompute its index tables for drafters of block size k.
+
+    num_candidates: the drafter's vocabulary, so every rank must be below it (ranks index its top-k).
+    max_nodes: the most draft tokens the tree may hold (MAX_TREE_NODES for a served tree).
+    """
     if isinstance(config, list):
         config = TreeConfig(paths=config)
     paths = sorted(set(config.resolve_paths()), key=lambda p: (len(p), p))
@@ -103,6 +122,12 @@ def build_tree(config: TreeConfig | list, block_size: int, max_depth: int | None
         raise TreeError("the empty path is the root; list only paths of length >= 1")
     if any(r < 0 for p in paths for r in p):
         raise TreeError("ranks must be >= 0")
+    if max_nodes is not None and len(paths) > max_nodes:
+        raise TreeError(f"the tree has {len(paths)} nodes, more than the {max_nodes} allowed")
+    largest_rank = max((r for p in paths for r in p), default=-1)
+    if num_candidates is not None and largest_rank >= num_candidates:
+        raise TreeError(f"rank {largest_rank} in the tree, but the drafter proposes only {num_candidates} candidates "
+                        f"(ranks 0..{num_candidates - 1}): the tree was made for a larger draft vocabulary")
     index = {(): 0}
     for i, path in enumerate(paths, start=1):
         if path[:-1] not in index:

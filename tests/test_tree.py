@@ -70,3 +70,21 @@ def test_bad_tree_configs_are_refused(config, message):
 def test_tree_deeper_than_drafter_supports():
     with pytest.raises(TreeError, match="deeper than the drafter supports"):
         build_tree(TreeConfig.chain(9), block_size=2, max_depth=8)
+
+
+@pytest.mark.parametrize("paths", [[[0], [0, "1"]], [[0], [1.5]], [[True]], [0, 1], {"0": [0]}])
+def test_malformed_paths_are_refused_not_cast(paths):
+    with pytest.raises(TreeError, match="tree path"):
+        build_tree(TreeConfig(paths=paths), block_size=2)
+
+
+def test_ranks_beyond_the_draft_vocabulary_are_refused():
+    build_tree([[0], [3], [3, 3]], block_size=2, num_candidates=4)
+    with pytest.raises(TreeError, match="rank 4 in the tree, but the drafter proposes only 4 candidates"):
+        build_tree([[0], [0, 4]], block_size=2, num_candidates=4)
+
+
+def test_node_count_is_bounded():
+    build_tree(TreeConfig(branching=[4, 2]), block_size=2, max_nodes=12)
+    with pytest.raises(TreeError, match="the tree has 13 nodes, more than the 12 allowed"):
+        build_tree(TreeConfig(branching=[13]), block_size=2, max_nodes=12)
