@@ -85,7 +85,7 @@ def load_target(
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source,
-            dtype=DTYPES[dtype],
+            dtype=torch.float32 if dtype == "float16" else DTYPES[dtype],  # float16: see _to_float16
             local_files_only=True,
             trust_remote_code=trust_remote_code,
             attn_implementation=attn_implementation,
@@ -102,10 +102,27 @@ def load_target(
             ) from error
         raise TargetLoadError(f"cannot load target from {source}: {error}") from error
     except ValueError as error:  # e.g. an architecture this transformers does not know
+        if not trust_remote_code and "trust_remote_code" in str(error):
+            raise TargetLoadError(
+                f"target {source} ships its own model code (auto_map in its config) and loads only with "
+                f"trust_remote_code, which is off: turn it on only if you trust the Python files in {source}"
+            ) from error
         raise TargetLoadError(f"cannot load target from {source}: {error}") from error
+    if dtype == "float16":
+        _to_float16(model)
     model.to(device).eval()
     _set_greedy_generation_defaults(model, tokenizer)
     return model, tokenizer
+
+
+def _to_float16(model: PreTrainedModel) -> None:
+    """Fingerprint the exact (float32) weights, then cast: float16 rounding would change the weights digest.
+
+    The float32 load costs twice the float16 memory for a moment; the fingerprint then matches the fp32 and
+    bf16 loads of the same checkpoint, so a package made in bf16 is accepted in fp16.
+    """
+    _weights_digests[model] = _weights_digest(model)
+    model.to(torch.float16)
 
 
 def _resolve_spec(
@@ -132,6 +149,23 @@ def _resolve_spec(
     if spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or "\\" in spec:
         raise TargetLoadError(f"target path {spec!r} does not exist")
     return spec, True
+
+
+def remote_code_digest(spec: str | os.PathLike | None) -> str | None:
+    """sha256 over the Python files of a local target directory: the code `trust_remote_code` would import.
+
+    None for a directory without Python files and for specs that are not directories (the default target,
+    a GGUF file, a hub id). Computed without importing anything, so it can be checked before loading.
+    """
+    path = Path(os.fspath(spec)).expanduser() if spec is not None else None
+    if path is None or not path.is_dir():
+        return None
+    digest = hashlib.sha256()
+    code_files = sorted(path.rglob("*.py"))
+    for code_file in code_files:
+        code = code_file.read_bytes()
+        digest.update(f"{code_file.relative_to(path).as_posix()}\0{len(code)}\0".encode() + code)
+    return digest.hexdigest() if code_files else None
 
 
 def _set_greedy_generation_defaults(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -312,8 +346,8 @@ _tokenizer_digests: "weakref.WeakKeyDictionary[PreTrainedTokenizerBase, str]" = 
 def target_fingerprint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> str:
     """`"<ArchitectureClass>-<16 hex>"` over architecture, config, tokenizer and weights.
 
-    Identical for fp32 and bf16 loads of the same checkpoint, on any device. Memoised per model and per
-    tokenizer object, so fingerprinting again is free.
+    Identical for fp32, bf16 and fp16 loads (`load_target`) of the same checkpoint, on any device. Memoised per
+    model and per tokenizer object, so fingerprinting again is free.
     """
     if model not in _weights_digests:
         _weights_digests[model] = _weights_digest(model)
@@ -381,13 +415,20 @@ def _tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
 def _weights_digest(model: PreTrainedModel) -> str:
     """sha256 over every parameter and persistent buffer rounded to bfloat16, in name order.
 
-    Rounding to bf16 makes fp32 and bf16 loads of one checkpoint agree. An fp16 load does NOT: rounding
-    to fp16 first and then to bf16 lands on a different bf16 value for a few percent of weights.
+    Rounding to bf16 makes fp32 and bf16 loads of one checkpoint agree. Float16 weights cannot: rounding to
+    fp16 first and then to bf16 lands on a different bf16 value for a few percent of weights, so they are
+    refused (`load_target` digests a float16 load before casting it).
     """
     persistent_names = set(model.state_dict(keep_vars=True))
     # named_parameters() skips tied duplicates (lm_head tied to embed_tokens is counted once).
     tensors = dict(model.named_parameters())
     tensors.update((name, buffer) for name, buffer in model.named_buffers() if name in persistent_names)
+    if any(tensor.dtype == torch.float16 for tensor in tensors.values()):
+        raise TargetLoadError(
+            "cannot fingerprint a model already cast to float16 (the rounding moved its weights, so it would not "
+            "match its checkpoint): load it with falcon.target.load_target(..., dtype='float16'), which "
+            "fingerprints it before the cast, or fingerprint it before casting"
+        )
     digest = hashlib.sha256()
     for name in sorted(tensors):
         tensor = tensors[name].detach()

@@ -197,10 +197,18 @@ def test_fingerprint_is_stable_across_loads_and_dtypes(saved_target):
     fingerprint = target_fingerprint(*load_target(save_dir))
     assert fingerprint == target_fingerprint(*load_target(save_dir))
     assert fingerprint == target_fingerprint(*load_target(save_dir, dtype="bfloat16"))
+    fp16_model, fp16_tokenizer = load_target(save_dir, dtype="float16")
+    assert fp16_model.dtype == torch.float16 and fingerprint == target_fingerprint(fp16_model, fp16_tokenizer)
     assert fingerprint == target_fingerprint(model, tokenizer)  # in memory, before saving
     architecture, digest = fingerprint.split("-")
     assert architecture == type(model).__name__ and len(digest) == 16
     int(digest, 16)
+
+
+def test_fingerprint_of_a_model_cast_to_float16_elsewhere_is_refused(saved_target):
+    _, model, tokenizer, _ = saved_target
+    with pytest.raises(TargetLoadError, match="already cast to float16.*dtype='float16'"):
+        target_fingerprint(copy.deepcopy(model).half(), tokenizer)
 
 
 def test_fingerprint_changes_with_one_weight(saved_target):
