@@ -4,16 +4,20 @@ Indexing. A training window holds tokens x_0..x_{T-1}, the target's features f_0
 state its LM head consumes, so lm_head(f_i) are the logits for x_{i+1}) and a loss mask m (1 on assistant
 tokens, 0 on prompt and padding). The drafter sequence has S = T-1 positions: position q reads (f_q, x_{q+1})
 and predicts f_{q+k}; the teacher there is lm_head(f_{q+k}) and the hard label x_{q+k+1}. Position q has loss
-iff q+k+1 <= T-1 and m_{q+k+1} = 1.
+iff q+k+1 <= T-1 and m_{q+k+1} = 1. Blocks are [ck, ck+k) from the window start, as the relaxed-causal mask.
 
-One step:
-1. no-grad pass on noised true inputs; its argmax against the teacher's gives the Hamming distance d;
-2. the second pass reads the drafter's OWN first-pass output, as inference does from the second drafter pass
-   on: position q >= k gets (f̂_q, x̂_{q+1}) = (first-pass output at q-k, its argmax token); positions q < k
-   keep the truth;
-3. glancing gives back the truth, feature AND token together, on ceil(round(λ·d)/k) whole k-blocks;
+One step (the official training loop, per row for any batch):
+1. no-grad first pass on the noised teacher-forced inputs; the Hamming distance d of a row is the number of
+   its loss positions whose argmax differs from the teacher's;
+2. N = floor(λ·d) positions are glanced, λ falling with training progress (see glance_ratio): runs that start
+   at a loss position at a block start and never cover a block's last position (glance_positions);
+3. the second pass reads the SAME noised teacher-forced inputs, except that a glanced position q reads its
+   answer, feature f_{q+k} and token x_{q+k+1} together; later positions of its block then see the truth of
+   the earlier ones (the drafter never reads its own outputs here);
 4. the loss L = SmoothL1(f̂, f) + ω·(α·KL(teacher ‖ drafter) + (1-α)·CE(x)) is taken on the second pass.
-`glancing=False` is the plain teacher-forced step (the "CSGD off" ablation).
+`glancing=False` is the plain teacher-forced step (the "CSGD off" ablation). Optionally (pass1_weight > 0) a
+predicted-block loss is added: each block reads the drafter's own outputs for the previous one, as decoding's
+later passes do (falcon.passes; EAGLE-3's training-time test, not part of CSGD).
 
 The teacher at position q is the target's distribution for x_{q+k+1}: either its top-k logits at q+k as the
 feature store keeps them (exact, and no full-vocabulary matmul: that was ~27% of a demo training step on CPU),
@@ -29,20 +33,23 @@ import torch
 import torch.nn.functional as F
 
 from falcon.drafter import Drafter
+from falcon.passes import TeacherForcedPass, head_argmax, predicted_block_pass, teacher_forced_pass
 
 IGNORE_INDEX = -100
 NOISE_SCALINGS = ("none", "seq_len")
 TEACHERS = ("auto", "topk", "lm_head")
-# Rows per LM-head chunk when only the argmax is needed: bounds the (rows, vocab) logits held at once.
-ARGMAX_CHUNK_ROWS = 2048
+# λ(p) = floor + (λ_0 - floor)·(1 - p): (default λ_0, floor). Paper 0.4·(1-p); official code 0.35·(1-p) + 0.1.
+LAMBDA_SCHEDULES = {"paper": (0.4, 0.0), "official": (0.45, 0.1)}
+# floor(λ·d) must not lose a glance to rounding (0.29·100 is 28.999999999999996 in floating point).
+COUNT_EPSILON = 1e-9
 
 
 @dataclass
 class CSGDConfig:
     glancing: bool = True  # False: plain teacher-forced SAR training (the "CSGD off" ablation)
-    # λ(e) = lambda_max·(E-e)/E + lambda_min; the paper uses 0.4 and 0, the official code 0.35 and 0.1.
-    lambda_max: float = 0.4
-    lambda_min: float = 0.0
+    lambda_schedule: str = "paper"  # "paper" or "official", see LAMBDA_SCHEDULES
+    lambda_max: float | None = None  # λ at the start of training; None: the schedule's (0.4 paper, 0.45 official)
+    glance_in_loss: bool = True  # the official code keeps glanced positions in the loss; False drops them (GLAT)
     noise_bound: float = 0.1  # a in U(-a, a), added to the input features
     noise_scaling: str = "none"  # "seq_len": a·noise_reference_length/seq_len, as EAGLE and the official code
     noise_reference_length: int = 512
@@ -52,15 +59,26 @@ class CSGDConfig:
     # "topk": the batch's stored top-k logits (renormalised: KL over the teacher's top-k tokens); "lm_head":
     # recompute full-vocabulary logits from the features; "auto": top-k when the batch has them.
     teacher: str = "auto"
+    pass1_weight: float = 0.0  # weight of the predicted-block loss (falcon.passes) added to the step's; 0: off
+    pass1_start: float = 0.0  # training progress (fraction of all steps, in [0, 1]) from which it is on
 
     def __post_init__(self):
         if self.teacher not in TEACHERS:
             raise ValueError(f"teacher must be one of {TEACHERS}, got {self.teacher!r}")
         if self.noise_scaling not in NOISE_SCALINGS:
             raise ValueError(f"noise_scaling must be one of {NOISE_SCALINGS}, got {self.noise_scaling!r}")
+        if self.lambda_schedule not in LAMBDA_SCHEDULES:
+            raise ValueError(f"lambda_schedule must be one of {tuple(LAMBDA_SCHEDULES)}, "
+                             f"got {self.lambda_schedule!r}")
+        floor = LAMBDA_SCHEDULES[self.lambda_schedule][1]
+        if self.lambda_max is not None and self.lambda_max < floor:
+            raise ValueError(f"lambda_max {self.lambda_max} is below the {self.lambda_schedule} schedule's final "
+                             f"λ {floor}; give a larger lambda_max or leave it unset")
         if not 0.0 <= self.kl_weight <= 1.0:
             raise ValueError(f"kl_weight (alpha) must be in [0, 1], got {self.kl_weight}")
-        for name in ("lambda_max", "lambda_min", "noise_bound", "dist_weight", "smooth_l1_beta"):
+        if not 0.0 <= self.pass1_start <= 1.0:
+            raise ValueError(f"pass1_start is a fraction of training, in [0, 1]; got {self.pass1_start}")
+        for name in ("noise_bound", "dist_weight", "smooth_l1_beta", "pass1_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.noise_reference_length <= 0:
@@ -122,72 +140,57 @@ def add_uniform_noise(features: torch.Tensor, config: CSGDConfig,
     return features + noise.to(features.dtype)
 
 
-def glance_ratio(epoch: float, num_epochs: int, config: CSGDConfig) -> float:
-    """λ for epoch e (0-based, may be fractional) of E: lambda_max·(E-e)/E + lambda_min."""
-    if num_epochs <= 0:
-        raise ValueError(f"num_epochs must be > 0, got {num_epochs}")
-    if not 0 <= epoch <= num_epochs:
-        raise ValueError(f"epoch must be in [0, {num_epochs}], got {epoch}")
-    return config.lambda_max * (num_epochs - epoch) / num_epochs + config.lambda_min
+def glance_ratio(progress: float, config: CSGDConfig) -> float:
+    """λ at training progress p in [0, 1] (steps done / all steps): floor + (lambda_max - floor)·(1 - p)."""
+    if not 0.0 <= progress <= 1.0:
+        raise ValueError(f"training progress must be a fraction in [0, 1] (step / total steps), got {progress}")
+    default_start, floor = LAMBDA_SCHEDULES[config.lambda_schedule]
+    start = default_start if config.lambda_max is None else config.lambda_max
+    return floor + (start - floor) * (1.0 - progress)
 
 
 # -- glancing ------------------------------------------------------------------------------------------------
-def glance_reveal_mask(first_pass_wrong: torch.Tensor, position_mask: torch.Tensor, block_size: int,
-                       ratio: float, generator: torch.Generator | None = None,
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which second-pass input positions read the truth instead of first-pass predictions.
-
-    Per row: d = wrong loss positions, N = round(ratio·d) (half to even); reveal ceil(N/k) whole k-blocks
-    [jk, jk+k), j >= 1, drawn uniformly among the candidate blocks (those whose prediction slots q-k, i.e.
-    block j-1 of position_mask, hold a loss position); fewer if there are not that many candidates.
-    Returns reveal_mask (B, S) bool and num_revealed (B,) positions.
-    """
+def glance_runs_wanted(hamming: torch.Tensor, ratio: float, block_size: int) -> torch.Tensor:
+    """Runs to glance per row (B,) from its Hamming distance d (B,): N = floor(λ·d) single positions for
+    k = 2, N // k runs of 1..k-1 positions for k > 2 (the paper's Fig. 3 and the official code)."""
     if ratio < 0:
         raise ValueError(f"glance ratio must be >= 0, got {ratio}")
-    hamming = (first_pass_wrong & position_mask).sum(-1)  # (B,)
-    blocks_wanted = torch.ceil(torch.round(hamming.double() * ratio) / block_size).long()  # (B,)
-    candidates = candidate_blocks(position_mask, block_size)  # (B, num_blocks)
-    # A random order per row with non-candidates last; a block is chosen if its rank is below the row's quota.
-    scores = _uniform(candidates.shape, generator, position_mask.device).masked_fill(~candidates, -1.0)
-    ranks = scores.argsort(dim=-1, descending=True).argsort(dim=-1)  # (B, num_blocks)
-    chosen = candidates & (ranks < blocks_wanted[:, None])
-    reveal_mask = _blocks_to_positions(chosen, block_size, position_mask.shape[-1])
-    return reveal_mask, reveal_mask.sum(-1)
+    count = torch.floor(hamming.double() * ratio + COUNT_EPSILON).long()
+    return count if block_size == 2 else count // block_size
 
 
-def candidate_blocks(position_mask: torch.Tensor, block_size: int) -> torch.Tensor:
-    """(B, ceil(S/k)) bool: block j >= 1 reads the predictions of block j-1; a candidate iff one has loss."""
-    batch, length = position_mask.shape
-    num_blocks = -(-length // block_size)
-    padded = F.pad(position_mask, (0, num_blocks * block_size - length))
-    slots_have_loss = padded.view(batch, num_blocks, block_size).any(-1)  # (B, num_blocks)
-    candidates = torch.zeros_like(slots_have_loss)
-    candidates[:, 1:] = slots_have_loss[:, :-1]
-    return candidates
+def glance_positions(hamming: torch.Tensor, position_mask: torch.Tensor, block_size: int, ratio: float,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Which second-pass positions read their answer: (B, S) bool.
 
-
-def _blocks_to_positions(blocks: torch.Tensor, block_size: int, length: int) -> torch.Tensor:
-    """(B, num_blocks) bool -> (B, S) bool, each block covering its k positions (the last one clipped)."""
-    return blocks.repeat_interleave(block_size, dim=1)[:, :length]
-
-
-def second_pass_inputs(true_features: torch.Tensor, true_next_ids: torch.Tensor,
-                       predicted_features: torch.Tensor, predicted_next_ids: torch.Tensor,
-                       reveal_mask: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Second-pass (features (B, S, h), next_ids (B, S)).
-
-    Position q >= k reads the first pass's output at q-k (its feature and its argmax token, in target ids);
-    positions q < k and revealed positions read the truth (true_* are the first pass's inputs).
+    A candidate is a block start [ck] that is a loss position. Per row, glance_runs_wanted candidates are drawn
+    uniformly (all of them if there are fewer); each covers a run of r positions from its block start, r = 1
+    for k = 2, uniform in 1..k-1 for k > 2, cut at the first position without loss. A block's last position is
+    never glanced, so every block keeps something to predict (nothing can be glanced for k = 1).
     """
-    k = block_size
-    # Position q reads slot q-k: shift the predictions right by k, truth in the first k positions.
-    shifted_features = torch.cat([true_features[:, :k], predicted_features[:, :-k]], dim=1)
-    shifted_ids = torch.cat([true_next_ids[:, :k], predicted_next_ids[:, :-k]], dim=1)
-    reads_truth = reveal_mask.clone()
-    reads_truth[:, :k] = True
-    features = torch.where(reads_truth[..., None], true_features, shifted_features)
-    next_ids = torch.where(reads_truth, true_next_ids, shifted_ids)
-    return features, next_ids
+    k, (batch, length) = block_size, position_mask.shape
+    num_blocks = -(-length // k)
+    blocks = F.pad(position_mask, (0, num_blocks * k - length)).view(batch, num_blocks, k)
+    reachable = blocks.long().cumprod(-1).bool()  # loss positions contiguous from the block start
+    reachable[..., k - 1] = False
+    candidates = reachable[..., 0]  # (B, num_blocks)
+    wanted = glance_runs_wanted(hamming, ratio, k)  # (B,)
+    # A random order per row with non-candidates last; a start is chosen if its rank is below the row's quota.
+    scores = _uniform(candidates.shape, generator, position_mask.device).masked_fill(~candidates, -1.0)
+    ranks = scores.argsort(dim=-1, descending=True).argsort(dim=-1)
+    chosen = candidates & (ranks < wanted[:, None])
+    run_lengths = 1 + (_uniform(candidates.shape, generator, position_mask.device) * (k - 1)).long()
+    offsets = torch.arange(k, device=position_mask.device)
+    glanced = chosen[..., None] & (offsets < run_lengths[..., None]) & reachable
+    return glanced.view(batch, num_blocks * k)[:, :length]
+
+
+def glanced_inputs(features: torch.Tensor, next_ids: torch.Tensor, target_features: torch.Tensor,
+                   target_ids: torch.Tensor, glanced: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Second-pass inputs: the first pass's (features (B, S, h), next_ids (B, S)), except that glanced
+    positions (B, S) read their answer (f_{q+k}, x_{q+k+1}), feature and token together."""
+    features = torch.where(glanced[..., None], target_features.to(features.dtype), features)
+    return features, torch.where(glanced, target_ids, next_ids)
 
 
 # -- loss ----------------------------------------------------------------------------------------------------
@@ -339,12 +342,12 @@ def _teacher(aligned: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], l
     return F.linear(target_rows.to(lm_head_weight.dtype), lm_head_weight), None
 
 
-@torch.no_grad()
-def _head_argmax(logits_fn, features: torch.Tensor) -> torch.Tensor:
-    """argmax(logits_fn(features)) (...) computed in row chunks to bound the logits memory."""
-    rows = features.reshape(-1, features.shape[-1])  # (B*S, h)
-    ids = [logits_fn(chunk).argmax(-1) for chunk in rows.split(ARGMAX_CHUNK_ROWS)]
-    return torch.cat(ids).view(features.shape[:-1])
+def _restrict(aligned: dict[str, torch.Tensor], teacher: tuple[torch.Tensor, torch.Tensor | None],
+              keep: torch.Tensor) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]:
+    """The loss positions and teacher rows restricted to `keep` (B, S), a subset of the loss positions."""
+    rows = keep[aligned["position_mask"]]
+    logits, ids = teacher
+    return dict(aligned, position_mask=keep), (logits[rows], None if ids is None else ids[rows])
 
 
 def _loss_on_masked(drafter: Drafter, pred_features: torch.Tensor, aligned: dict[str, torch.Tensor],
@@ -370,56 +373,92 @@ def _loss_on_masked(drafter: Drafter, pred_features: torch.Tensor, aligned: dict
     return metrics
 
 
-def csgd_step(drafter: Drafter, batch: dict[str, torch.Tensor], config: CSGDConfig, epoch: float,
-              num_epochs: int, lm_head_weight: torch.Tensor | None = None,
+def _pass1_metrics(drafter: Drafter, pass0: TeacherForcedPass, aligned: dict[str, torch.Tensor],
+                   teacher: tuple[torch.Tensor, torch.Tensor | None], config: CSGDConfig) -> dict[str, torch.Tensor]:
+    """The loss and top-1 of pass 1 (falcon.passes) at the loss positions after the first block."""
+    keep = aligned["position_mask"].clone()
+    keep[:, :drafter.config.block_size] = False  # the first block has no previous block to read
+    return _loss_on_masked(drafter, predicted_block_pass(drafter, pass0), *_restrict(aligned, teacher, keep), config)
+
+
+def _glancing_step(drafter: Drafter, aligned: dict[str, torch.Tensor], noised: torch.Tensor,
+                   teacher: tuple[torch.Tensor, torch.Tensor | None], config: CSGDConfig, progress: float,
+                   generator: torch.Generator | None, with_pass1: bool) -> tuple[dict, TeacherForcedPass | None]:
+    """CSGD's two passes (module docstring); also pass 0 for pass 1 when asked (the first pass is it)."""
+    k, mask, next_ids = drafter.config.block_size, aligned["position_mask"], aligned["next_ids"]
+    with torch.no_grad():
+        pass0 = teacher_forced_pass(drafter, noised, next_ids) if with_pass1 else None
+        first_features = pass0.features if with_pass1 else drafter(noised, next_ids)
+        first_ids = drafter.to_target_ids(head_argmax(drafter.logits, first_features))  # (B, S) target ids
+    teacher_ids = torch.zeros_like(next_ids)
+    teacher_ids[mask] = teacher_argmax(*teacher)
+    hamming = ((first_ids != teacher_ids) & mask).sum(-1)  # (B,)
+    ratio = glance_ratio(progress, config)
+    glanced = glance_positions(hamming, mask, k, ratio, generator)
+    second = drafter(*glanced_inputs(noised, next_ids, aligned["target_features"], aligned["target_ids"], glanced))
+    scored = mask if config.glance_in_loss else mask & ~glanced
+    metrics = _loss_on_masked(drafter, second, *_restrict(aligned, teacher, scored), config)
+    num_glanced = glanced.sum(-1)
+    metrics.update(
+        glance_ratio=torch.tensor(ratio, device=mask.device),
+        hamming=hamming.float().mean(),
+        num_glanced=num_glanced.float().mean(),
+        glanced_fraction=num_glanced.sum() / mask.sum().clamp(min=1),
+    )
+    return metrics, pass0
+
+
+def csgd_step(drafter: Drafter, batch: dict[str, torch.Tensor], config: CSGDConfig, progress: float,
+              lm_head_weight: torch.Tensor | None = None,
               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """One CSGD training step's loss and metrics.
 
     batch: hidden_states (B, T, h), input_ids (B, T), loss_mask (B, T), right-padded windows; optionally the
     store's topk_values / topk_indices (B, T, K) for the top-k teacher (see CSGDConfig.teacher).
+    progress: the fraction of training done, step / total steps, in [0, 1]: drives λ and pass1_start.
     lm_head_weight: the target's full, frozen LM head (V, h), for the LM-head teacher (unused with top-k);
     the drafter's attached head may hold only the draft-vocabulary rows, and may be untied from the embedding.
     generator: drives the noise and the glancing draw (a CPU generator works for any device).
     Returns `loss` (float32, with grad) and detached metrics: reg, dist, kl, ce, top1, acc_at (k,) = top-1
     over positions q with q % k == j, top1_correct_at/top1_count_at (k,) to aggregate, num_positions;
-    with glancing also glance_ratio, hamming (mean first-pass d per window), num_revealed (mean per window)
-    and revealed_fraction (revealed / positions in candidate blocks).
+    with glancing also glance_ratio, hamming (mean first-pass d per window), num_glanced (mean per window)
+    and glanced_fraction (glanced / loss positions); with pass 1 on, pass1_loss and pass1_top1.
     """
     aligned = _prepare(drafter, batch, lm_head_weight)
-    mask, next_ids = aligned["position_mask"], aligned["next_ids"]
     teacher = _teacher(aligned, batch, lm_head_weight, config, drafter.config.block_size)
     noised = add_uniform_noise(aligned["input_features"], config, generator)
-    if not config.glancing:
-        return _loss_on_masked(drafter, drafter(noised, next_ids), aligned, teacher, config)
-
-    k = drafter.config.block_size
-    with torch.no_grad():
-        first_features = drafter(noised, next_ids)  # (B, S, h); output at q predicts f_{q+k}
-        first_ids = drafter.to_target_ids(_head_argmax(drafter.logits, first_features))  # (B, S) target ids
-    teacher_ids = torch.zeros_like(next_ids)
-    teacher_ids[mask] = teacher_argmax(*teacher)
-    first_pass_wrong = first_ids != teacher_ids
-    ratio = glance_ratio(epoch, num_epochs, config)
-    reveal_mask, num_revealed = glance_reveal_mask(first_pass_wrong, mask, k, ratio, generator)
-    features, second_ids = second_pass_inputs(noised, next_ids, first_features, first_ids, reveal_mask, k)
-
-    metrics = _loss_on_masked(drafter, drafter(features, second_ids), aligned, teacher, config)
-    candidate_positions = _blocks_to_positions(candidate_blocks(mask, k), k, mask.shape[-1])
-    metrics.update(
-        glance_ratio=torch.tensor(ratio, device=mask.device),
-        hamming=(first_pass_wrong & mask).sum(-1).float().mean(),
-        num_revealed=num_revealed.float().mean(),
-        revealed_fraction=num_revealed.sum() / candidate_positions.sum().clamp(min=1),
-    )
+    with_pass1 = config.pass1_weight > 0 and progress >= config.pass1_start
+    if config.glancing:
+        metrics, pass0 = _glancing_step(drafter, aligned, noised, teacher, config, progress, generator, with_pass1)
+    elif with_pass1:
+        pass0 = teacher_forced_pass(drafter, noised, aligned["next_ids"])
+        metrics = _loss_on_masked(drafter, pass0.features, aligned, teacher, config)
+    else:
+        metrics = _loss_on_masked(drafter, drafter(noised, aligned["next_ids"]), aligned, teacher, config)
+    if with_pass1:
+        pass1 = _pass1_metrics(drafter, pass0, aligned, teacher, config)
+        metrics.update(loss=metrics["loss"] + config.pass1_weight * pass1["loss"],
+                       pass1_loss=pass1["loss"].detach(), pass1_top1=pass1["top1"])
     return metrics
 
 
 @torch.no_grad()
 def csgd_eval_metrics(drafter: Drafter, batch: dict[str, torch.Tensor], config: CSGDConfig,
                       lm_head_weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Teacher-forced metrics on held-out windows: true inputs, no noise, no glancing; same keys as the
-    glancing=False csgd_step (all detached)."""
+    """Held-out metrics on true inputs, no noise, no glancing (all detached).
+
+    The teacher-forced keys of the glancing=False csgd_step (pass 0: depths 1..k), plus top-1 at every depth a
+    two-pass tree uses: top1_depth_d for d = 1..2k, depths k+1..2k from pass 1 (falcon.passes: the previous
+    block's own outputs, fed as decoding feeds them), and their counts top1_depth_correct/_count (2k,).
+    """
     aligned = _prepare(drafter, batch, lm_head_weight)
-    pred_features = drafter(aligned["input_features"], aligned["next_ids"])
     teacher = _teacher(aligned, batch, lm_head_weight, config, drafter.config.block_size)
-    return _loss_on_masked(drafter, pred_features, aligned, teacher, config)
+    pass0 = teacher_forced_pass(drafter, aligned["input_features"], aligned["next_ids"])
+    metrics = _loss_on_masked(drafter, pass0.features, aligned, teacher, config)
+    pass1 = _pass1_metrics(drafter, pass0, aligned, teacher, config)
+    correct = torch.cat([metrics["top1_correct_at"], pass1["top1_correct_at"]])
+    count = torch.cat([metrics["top1_count_at"], pass1["top1_count_at"]])
+    metrics.update(top1_depth_correct=correct, top1_depth_count=count, pass1_loss=pass1["loss"])
+    accuracy = torch.where(count > 0, correct / count.clamp(min=1), math.nan)
+    metrics.update({f"top1_depth_{depth}": value for depth, value in enumerate(accuracy, start=1)})
+    return metrics

@@ -12,17 +12,20 @@ from falcon.csgd import (
     CSGDConfig,
     add_uniform_noise,
     align_targets,
-    candidate_blocks,
     csgd_eval_metrics,
     csgd_loss,
     csgd_step,
+    glance_positions,
     glance_ratio,
-    glance_reveal_mask,
-    second_pass_inputs,
+    glance_runs_wanted,
+    glanced_inputs,
     to_draft_ids,
     top1_by_block_offset,
 )
 from falcon.drafter import Drafter, DrafterConfig, build_draft_vocab
+from falcon.generate import DrafterState, draft_tree
+from falcon.passes import predicted_block_pass, teacher_forced_pass
+from falcon.tree import TreeConfig, build_tree
 
 VOCAB = 300
 
@@ -65,104 +68,114 @@ def test_window_shorter_than_block_has_no_loss_positions():
 
 
 # -- glancing ------------------------------------------------------------------------------------------------
-def _reveal_case():
+def _glance_case():
     """Three rows, S = 16, k = 2 (8 blocks), different loss masks and Hamming distances."""
     position_mask = torch.zeros(3, 16, dtype=torch.bool)
-    position_mask[0, :14] = True  # slots in blocks 0..6 -> candidate blocks 1..7
-    position_mask[1, 2:6] = True  # slots in blocks 1, 2 -> candidates 2, 3
-    position_mask[2, 5] = True  # block 2 -> candidate 3
-    position_mask[2, 9] = True  # block 4 -> candidate 5
-    wrong = torch.zeros(3, 16, dtype=torch.bool)
-    wrong[0, :11] = True  # d = 11
-    wrong[1, :] = True  # d = 4 (only masked positions count)
-    wrong[2, 5] = True  # d = 1
-    return wrong, position_mask
+    position_mask[0, :14] = True  # block starts 0, 2, .., 12 are loss positions: 7 candidates
+    position_mask[1, 3:9] = True  # starts 4, 6, 8: 3 candidates (3 is a block's last position)
+    position_mask[2, 5] = True  # a block's last position only: no candidate
+    hamming = torch.tensor([11, 4, 1])
+    return hamming, position_mask
 
 
-def test_reveal_counts_contiguity_and_candidates():
-    wrong, position_mask = _reveal_case()
-    k, ratio = 2, 0.5
-    generator = torch.Generator().manual_seed(0)
-    reveal, num_revealed = glance_reveal_mask(wrong, position_mask, k, ratio, generator)
-
-    candidates = candidate_blocks(position_mask, k)
-    assert candidates.tolist() == [
-        [False, True, True, True, True, True, True, True],
-        [False, False, True, True, False, False, False, False],
-        [False, False, False, True, False, True, False, False],
-    ]
-    blocks = reveal.view(3, 8, k)
-    assert torch.equal(blocks.all(-1), blocks.any(-1))  # whole aligned k-blocks only
-    chosen = blocks.all(-1)
-    assert not (chosen & ~candidates).any()  # never a block without a loss slot, never block 0
-    for row, d in enumerate([11, 4, 1]):
-        wanted = math.ceil(round(ratio * d) / k)  # d 11 -> N 6 -> 3, 4 -> 2 -> 1, 1 -> 0 (half to even)
-        expected_blocks = min(wanted, int(candidates[row].sum()))
-        assert int(chosen[row].sum()) == expected_blocks
-        assert int(num_revealed[row]) == expected_blocks * k == int(reveal[row].sum())
-    assert num_revealed.tolist() == [6, 2, 0]
+def _runs(glanced_row: torch.Tensor, k: int) -> list[tuple[int, int]]:
+    """(start, length) of each glanced run of a (S,) row, checking a run never crosses a block."""
+    runs, q = [], 0
+    while q < glanced_row.numel():
+        if glanced_row[q]:
+            start = q
+            while q < glanced_row.numel() and glanced_row[q] and (q == start or q % k):
+                q += 1
+            runs.append((start, q - start))
+        else:
+            q += 1
+    return runs
 
 
-def test_reveal_whole_candidates_when_the_quota_exceeds_them():
-    wrong, position_mask = _reveal_case()
-    reveal, num_revealed = glance_reveal_mask(wrong, position_mask, 2, 3.0, torch.Generator().manual_seed(1))
-    # ratio 3 wants 17, 6 and 2 blocks, more than or as many as the 7, 2 and 2 candidates: all of them.
-    assert torch.equal(reveal.view(3, 8, 2).all(-1), candidate_blocks(position_mask, 2))
-    assert num_revealed.tolist() == [14, 4, 4]
-    # At ratio 1 row 2 (d = 1) wants ceil(1/2) = 1 of its 2 candidate blocks.
-    _, num_revealed = glance_reveal_mask(wrong, position_mask, 2, 1.0, torch.Generator().manual_seed(1))
-    assert num_revealed.tolist() == [12, 4, 2]
+def test_glance_counts_follow_lambda_d_per_row():
+    # N = floor(λ·d): k = 2 glances N positions, k > 2 N // k runs; floor despite floating-point error.
+    hamming = torch.tensor([11, 4, 1, 0])
+    assert glance_runs_wanted(hamming, 0.5, 2).tolist() == [5, 2, 0, 0]
+    assert glance_runs_wanted(hamming, 0.5, 3).tolist() == [1, 0, 0, 0]
+    assert glance_runs_wanted(torch.tensor([100]), 0.29, 2).tolist() == [29]  # 0.29·100 = 28.999999999999996
+    with pytest.raises(ValueError, match="ratio"):
+        glance_runs_wanted(hamming, -0.1, 2)
 
 
-def test_reveal_ratio_zero_reveals_nothing():
-    wrong, position_mask = _reveal_case()
-    reveal, num_revealed = glance_reveal_mask(wrong, position_mask, 2, 0.0)
-    assert not reveal.any() and num_revealed.tolist() == [0, 0, 0]
+def test_glance_positions_k2_block_starts_and_counts():
+    hamming, position_mask = _glance_case()
+    for seed in range(20):
+        glanced = glance_positions(hamming, position_mask, 2, 0.5, torch.Generator().manual_seed(seed))
+        assert not (glanced & ~position_mask).any()  # loss positions only
+        assert not glanced[:, 1::2].any()  # k = 2: block starts only, never a block's last position
+        # min(floor(0.5·d), candidates) per row: 11 -> 5 of 7, 4 -> 2 of 3, 1 -> 0.
+        assert glanced.sum(-1).tolist() == [5, 2, 0]
+    everything = glance_positions(hamming, position_mask, 2, 10.0, torch.Generator().manual_seed(0))
+    assert everything.sum(-1).tolist() == [7, 3, 0]  # more wanted than candidates: all of them
+    assert not glance_positions(hamming, position_mask, 2, 0.0).any()
 
 
-def test_reveal_is_deterministic_and_draws_every_candidate():
-    wrong, position_mask = _reveal_case()
-    first = glance_reveal_mask(wrong, position_mask, 2, 0.5, torch.Generator().manual_seed(7))
-    again = glance_reveal_mask(wrong, position_mask, 2, 0.5, torch.Generator().manual_seed(7))
-    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
-    generator = torch.Generator().manual_seed(3)
-    seen = torch.zeros(3, 8, dtype=torch.bool)
-    for _ in range(50):
-        seen |= glance_reveal_mask(wrong, position_mask, 2, 0.5, generator)[0].view(3, 8, 2).all(-1)
-    # Rows 0 and 1 draw 3 of 7 and 1 of 2 candidates: over 50 draws every candidate comes up.
-    assert torch.equal(seen[:2], candidate_blocks(position_mask, 2)[:2])
+def test_glance_positions_k4_runs_from_block_starts():
+    k, length = 4, 24  # 6 blocks
+    position_mask = torch.zeros(2, length, dtype=torch.bool)
+    position_mask[0, :20] = True  # blocks 0..4 whole
+    position_mask[1, 4:10] = True  # block 1 whole, block 2 only its first two positions
+    hamming = torch.tensor([20, 6])
+    lengths_seen = set()
+    for seed in range(40):
+        glanced = glance_positions(hamming, position_mask, k, 0.6, torch.Generator().manual_seed(seed))
+        assert not (glanced & ~position_mask).any() and not glanced[:, k - 1::k].any()
+        row0, row1 = _runs(glanced[0], k), _runs(glanced[1], k)
+        assert len(row0) == 12 // k and len(row1) == 3 // k  # floor(0.6·20) = 12 -> 3 runs; floor(3.6) -> 0
+        for start, run in row0:
+            assert start % k == 0 and 1 <= run <= k - 1
+            lengths_seen.add(run)
+        assert row1 == []
+    assert lengths_seen == {1, 2, 3}  # run lengths drawn over 1..k-1
+    # Row 1 with every candidate wanted: a run never goes past the block's loss positions (block 2 has two).
+    glanced = glance_positions(torch.tensor([0, 100]), position_mask, k, 1.0, torch.Generator().manual_seed(0))
+    assert all(start in (4, 8) for start, _ in _runs(glanced[1], k)) and not glanced[1, 10:].any()
 
 
-def test_reveal_partial_last_block():
-    # S = 10, k = 3: blocks [0,3) [3,6) [6,9) [9]; every slot with loss up to S - k.
-    position_mask = torch.zeros(1, 10, dtype=torch.bool)
-    position_mask[0, :7] = True
-    reveal, num_revealed = glance_reveal_mask(position_mask, position_mask, 3, 1.0)
-    assert reveal[0].tolist() == [False] * 3 + [True] * 7  # blocks 1, 2 and the clipped block 3
-    assert num_revealed.tolist() == [7]
+def test_glance_run_stops_at_the_first_position_without_loss():
+    position_mask = torch.tensor([[True, False, True, True, True, True, True, False]])  # k = 4: 2 blocks
+    for seed in range(10):
+        glanced = glance_positions(torch.tensor([100]), position_mask, 4, 1.0, torch.Generator().manual_seed(seed))
+        assert glanced[0, :4].tolist() == [True, False, False, False]  # position 1 has no loss: run of 1
+        assert glanced[0, 4] and not glanced[0, 7]
 
 
-# -- second-pass inputs --------------------------------------------------------------------------------------
-def test_second_pass_inputs_shift_reveal_and_head():
-    batch, length, hidden, k = 2, 8, 3, 2
-    true_features = torch.arange(batch * length * hidden, dtype=torch.float32).view(batch, length, hidden)
-    predicted_features = -1 - true_features
-    true_ids = torch.arange(batch * length).view(batch, length)
-    predicted_ids = 1000 + true_ids
-    reveal = torch.zeros(batch, length, dtype=torch.bool)
-    reveal[0, 4:6] = True
-    reveal[1, 2:4] = True
-    reveal[1, 6:8] = True
+def test_block_size_one_glances_nothing():
+    position_mask = torch.ones(2, 8, dtype=torch.bool)
+    assert not glance_positions(torch.tensor([8, 8]), position_mask, 1, 1.0).any()
 
-    features, ids = second_pass_inputs(true_features, true_ids, predicted_features, predicted_ids, reveal, k)
 
-    for b in range(batch):
-        for q in range(length):
-            if q < k or reveal[b, q]:
-                assert torch.equal(features[b, q], true_features[b, q]) and ids[b, q] == true_ids[b, q]
-            else:
-                assert torch.equal(features[b, q], predicted_features[b, q - k])
-                assert ids[b, q] == predicted_ids[b, q - k]
+def test_glance_rows_are_independent():
+    """A row's glanced positions depend on its own mask and d only, not on the other rows of the batch."""
+    hamming, position_mask = _glance_case()
+    reference = glance_positions(hamming, position_mask, 2, 0.5, torch.Generator().manual_seed(3))
+    other_rows = position_mask.clone()
+    other_rows[1:] = ~other_rows[1:]
+    changed = glance_positions(torch.tensor([11, 9, 2]), other_rows, 2, 0.5, torch.Generator().manual_seed(3))
+    assert torch.equal(reference[0], changed[0])
+
+
+def test_glanced_inputs_are_the_answers_and_the_rest_teacher_forced():
+    batch, length, hidden = 2, 8, 3
+    features = torch.arange(batch * length * hidden, dtype=torch.float32).view(batch, length, hidden)
+    answers = -1 - features
+    next_ids = torch.arange(batch * length).view(batch, length)
+    answer_ids = 1000 + next_ids
+    glanced = torch.zeros(batch, length, dtype=torch.bool)
+    glanced[0, 4] = True
+    glanced[1, [0, 2, 6]] = True
+
+    second_features, second_ids = glanced_inputs(features, next_ids, answers, answer_ids, glanced)
+
+    assert torch.equal(second_features[glanced], answers[glanced])
+    assert torch.equal(second_ids[glanced], answer_ids[glanced])
+    assert torch.equal(second_features[~glanced], features[~glanced])
+    assert torch.equal(second_ids[~glanced], next_ids[~glanced])
 
 
 # -- noise and schedule --------------------------------------------------------------------------------------
@@ -189,20 +202,29 @@ def test_config_validation():
         CSGDConfig(kl_weight=1.5)
     with pytest.raises(ValueError, match="teacher"):
         CSGDConfig(teacher="logits")
+    with pytest.raises(ValueError, match="lambda_schedule"):
+        CSGDConfig(lambda_schedule="linear")
+    with pytest.raises(ValueError, match="final"):
+        CSGDConfig(lambda_schedule="official", lambda_max=0.05)
+    with pytest.raises(ValueError, match="pass1_start"):
+        CSGDConfig(pass1_start=2.0)
+    with pytest.raises(ValueError, match="pass1_weight"):
+        CSGDConfig(pass1_weight=-1.0)
 
 
-def test_glance_ratio_schedule():
+def test_glance_ratio_schedules():
     paper = CSGDConfig()
-    assert glance_ratio(0, 20, paper) == pytest.approx(0.4)
-    assert glance_ratio(10, 20, paper) == pytest.approx(0.2)
-    assert glance_ratio(20, 20, paper) == pytest.approx(0.0)
-    official = CSGDConfig(lambda_max=0.35, lambda_min=0.1)
-    assert glance_ratio(0, 20, official) == pytest.approx(0.45)
-    assert glance_ratio(19, 20, official) == pytest.approx(0.1175)
-    with pytest.raises(ValueError):
-        glance_ratio(21, 20, paper)
-    with pytest.raises(ValueError):
-        glance_ratio(0, 0, paper)
+    assert glance_ratio(0.0, paper) == pytest.approx(0.4)
+    assert glance_ratio(0.5, paper) == pytest.approx(0.2)
+    assert glance_ratio(1.0, paper) == pytest.approx(0.0)
+    official = CSGDConfig(lambda_schedule="official")  # 0.35·(1 - p) + 0.1
+    assert glance_ratio(0.0, official) == pytest.approx(0.45)
+    assert glance_ratio(0.95, official) == pytest.approx(0.1175)
+    assert glance_ratio(1.0, official) == pytest.approx(0.1)
+    assert glance_ratio(0.5, CSGDConfig(lambda_max=0.8)) == pytest.approx(0.4)
+    assert glance_ratio(0.5, CSGDConfig(lambda_schedule="official", lambda_max=0.3)) == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="progress"):
+        glance_ratio(1.05, paper)  # an epoch count, not a fraction
 
 
 # -- loss by hand --------------------------------------------------------------------------------------------
@@ -365,7 +387,7 @@ def _batch(padded_batch):
 def test_csgd_step_loss_grads_and_metrics(target, padded_batch):
     drafter = _drafter(target)
     head = target.lm_head.weight
-    out = csgd_step(drafter, _batch(padded_batch), CSGDConfig(), epoch=0, num_epochs=4, lm_head_weight=head,
+    out = csgd_step(drafter, _batch(padded_batch), CSGDConfig(), progress=0.0, lm_head_weight=head,
                     generator=torch.Generator().manual_seed(0))
     assert out["loss"].requires_grad and torch.isfinite(out["loss"])
     out["loss"].backward()
@@ -382,13 +404,15 @@ def test_csgd_step_loss_grads_and_metrics(target, padded_batch):
     assert not out["reg"].requires_grad and not out["kl"].requires_grad
     assert out["glance_ratio"].item() == pytest.approx(0.4)
     assert 0 < out["hamming"].item() <= expected_positions / 3
-    assert 0 < out["revealed_fraction"].item() <= 1
+    # floor(0.4·d) block starts per window, each a loss position.
+    assert 0 < out["num_glanced"].item() <= 0.4 * out["hamming"].item()
+    assert 0 < out["glanced_fraction"].item() < 0.5
 
 
 def test_csgd_step_is_deterministic_with_a_generator(target, padded_batch):
     drafter = _drafter(target)
     losses = [
-        csgd_step(drafter, _batch(padded_batch), CSGDConfig(), 1, 4, target.lm_head.weight,
+        csgd_step(drafter, _batch(padded_batch), CSGDConfig(), 0.25, target.lm_head.weight,
                   torch.Generator().manual_seed(5))["loss"].item()
         for _ in range(2)
     ]
@@ -425,7 +449,7 @@ def test_training_steps_reduce_the_loss(target, padded_batch):
     head = target.lm_head.weight
     losses = []
     for step in range(25):
-        out = csgd_step(drafter, _batch(padded_batch), CSGDConfig(), epoch=step / 25, num_epochs=1,
+        out = csgd_step(drafter, _batch(padded_batch), CSGDConfig(), progress=step / 25,
                         lm_head_weight=head, generator=generator)
         optimizer.zero_grad()
         out["loss"].backward()
@@ -440,14 +464,14 @@ def test_training_steps_reduce_the_loss(target, padded_batch):
 
 def test_teacher_forced_ablation_and_reduced_vocab(target, padded_batch):
     drafter = _drafter(target)
-    out = csgd_step(drafter, _batch(padded_batch), CSGDConfig(glancing=False), 0, 4, target.lm_head.weight)
+    out = csgd_step(drafter, _batch(padded_batch), CSGDConfig(glancing=False), 0.0, target.lm_head.weight)
     assert torch.isfinite(out["loss"]) and "hamming" not in out
     out["loss"].backward()
     assert all(param.grad is not None for param in drafter.parameters())
 
     reduced = _drafter(target, draft_vocab_size=64)
     assert reduced.head_weight.shape == (64, 64)
-    out = csgd_step(reduced, _batch(padded_batch), CSGDConfig(), 0, 4, target.lm_head.weight,
+    out = csgd_step(reduced, _batch(padded_batch), CSGDConfig(), 0.0, target.lm_head.weight,
                     torch.Generator().manual_seed(0))
     assert torch.isfinite(out["loss"]) and torch.isfinite(out["ce"])
     out["loss"].backward()
@@ -467,7 +491,7 @@ def test_full_vocabulary_topk_teacher_equals_the_lm_head_teacher(target, padded_
     for teacher in ("topk", "lm_head"):
         drafter = _drafter(target, draft_vocab_size=64)
         config = CSGDConfig(glancing=glancing, teacher=teacher)
-        steps[teacher] = csgd_step(drafter, batch, config, 0, 4, target.lm_head.weight,
+        steps[teacher] = csgd_step(drafter, batch, config, 0.0, target.lm_head.weight,
                                    torch.Generator().manual_seed(0))
     for key in ("loss", "kl", "ce", "top1"):
         assert steps["topk"][key].item() == pytest.approx(steps["lm_head"][key].item(), rel=1e-5), key
@@ -482,28 +506,28 @@ def test_topk_teacher_needs_no_lm_head_and_is_chosen_automatically(target, padde
     assert auto["kl"].item() == topk["kl"].item() != pytest.approx(head["kl"].item(), rel=1e-3)
     assert auto["top1"].item() == head["top1"].item()  # same argmax either way
     with pytest.raises(ValueError, match="topk 0"):
-        csgd_step(drafter, _batch(padded_batch), CSGDConfig(teacher="topk"), 0, 4, target.lm_head.weight)
+        csgd_step(drafter, _batch(padded_batch), CSGDConfig(teacher="topk"), 0.0, target.lm_head.weight)
     with pytest.raises(ValueError, match="lm_head_weight"):
-        csgd_step(drafter, _batch(padded_batch), CSGDConfig(), 0, 4)
+        csgd_step(drafter, _batch(padded_batch), CSGDConfig(), 0.0)
 
 
 def test_step_rejects_bad_batches(target, padded_batch):
     drafter = _drafter(target)
     batch = _batch(padded_batch)
     with pytest.raises(ValueError, match="loss_mask"):
-        csgd_step(drafter, {k: v for k, v in batch.items() if k != "loss_mask"}, CSGDConfig(), 0, 4,
+        csgd_step(drafter, {k: v for k, v in batch.items() if k != "loss_mask"}, CSGDConfig(), 0.0,
                   target.lm_head.weight)
     with pytest.raises(ValueError, match="full head"):
-        csgd_step(drafter, batch, CSGDConfig(), 0, 4, target.lm_head.weight[:64])
+        csgd_step(drafter, batch, CSGDConfig(), 0.0, target.lm_head.weight[:64])
     with pytest.raises(ValueError, match="hidden size"):
-        csgd_step(drafter, dict(batch, hidden_states=batch["hidden_states"][..., :32]), CSGDConfig(), 0, 4,
+        csgd_step(drafter, dict(batch, hidden_states=batch["hidden_states"][..., :32]), CSGDConfig(), 0.0,
                   target.lm_head.weight)
 
 
 def test_batch_without_loss_positions_gives_zero_loss(target, padded_batch):
     drafter = _drafter(target)
     batch = dict(_batch(padded_batch), loss_mask=torch.zeros_like(padded_batch["loss_mask"]))
-    out = csgd_step(drafter, batch, CSGDConfig(), 0, 4, target.lm_head.weight)
+    out = csgd_step(drafter, batch, CSGDConfig(), 0.0, target.lm_head.weight)
     assert out["loss"].item() == 0.0 and out["num_positions"].item() == 0
     out["loss"].backward()
     assert all(param.grad is not None and not param.grad.any() for param in drafter.parameters())
@@ -511,31 +535,12 @@ def test_batch_without_loss_positions_gives_zero_loss(target, padded_batch):
 
 def test_bf16_drafter_trains_with_float32_loss(target, padded_batch):
     drafter = _drafter(target).to(torch.bfloat16)
-    out = csgd_step(drafter, _batch(padded_batch), CSGDConfig(), 0, 4, target.lm_head.weight,
+    out = csgd_step(drafter, _batch(padded_batch), CSGDConfig(), 0.0, target.lm_head.weight,
                     torch.Generator().manual_seed(0))
     assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
     out["loss"].backward()
     for param in drafter.parameters():
         assert param.grad is not None and param.grad.dtype == torch.bfloat16
-
-
-def test_full_reveal_is_teacher_forcing_and_no_reveal_is_not(target, padded_batch):
-    """With every block revealed the second pass reads exactly the true inputs; with none it reads predictions."""
-    drafter = _drafter(target)
-    window = {key: value[:1] for key, value in _batch(padded_batch).items()}
-    window["loss_mask"] = torch.ones_like(window["loss_mask"])  # every block is a candidate
-    head = target.lm_head.weight
-    teacher_forced = csgd_eval_metrics(drafter, window, CSGDConfig(), head)["loss"]
-
-    reveal_all = CSGDConfig(noise_bound=0.0, lambda_max=100.0)
-    out = csgd_step(drafter, window, reveal_all, 0, 4, head, torch.Generator().manual_seed(0))
-    assert out["hamming"] > 0 and out["revealed_fraction"] == 1
-    assert out["loss"].item() == pytest.approx(teacher_forced.item(), rel=1e-5)
-
-    reveal_none = CSGDConfig(noise_bound=0.0, lambda_max=0.0)
-    out = csgd_step(drafter, window, reveal_none, 0, 4, head, torch.Generator().manual_seed(0))
-    assert out["num_revealed"] == 0
-    assert out["loss"].item() != pytest.approx(teacher_forced.item(), rel=1e-3)
 
 
 def test_draft_vocabulary_map_must_be_sorted(target):
@@ -544,3 +549,160 @@ def test_draft_vocabulary_map_must_be_sorted(target):
         drafter.set_draft_vocab(torch.tensor([3, 1, 5, 7]))
     drafter.set_draft_vocab(torch.tensor([1, 3, 5, 7]))
     assert to_draft_ids(drafter.draft_to_target, torch.tensor([7, 2, 1])).tolist() == [3, -100, 0]
+
+
+# -- the glancing step on a real tiny drafter ----------------------------------------------------------------
+def _lm_head_loss(drafter, target, features, aligned, mask, config):
+    """csgd_loss of predicted features (B, S, h) at `mask` with the LM-head teacher, computed directly."""
+    pred = features[mask]
+    teacher_logits = target.lm_head(aligned["target_features"][mask])
+    every_row = torch.ones(pred.shape[0], dtype=torch.bool)
+    return csgd_loss(pred, aligned["target_features"][mask], drafter.logits(pred), teacher_logits,
+                     aligned["target_ids"][mask], every_row, config)["loss"]
+
+
+def test_no_glance_is_teacher_forcing(target, padded_batch):
+    """λ = 0: the second pass reads exactly the teacher-forced inputs (never the drafter's own outputs)."""
+    drafter, head = _drafter(target), target.lm_head.weight
+    no_glance = CSGDConfig(noise_bound=0.0, lambda_max=0.0)
+    out = csgd_step(drafter, _batch(padded_batch), no_glance, 0.0, head, torch.Generator().manual_seed(0))
+    teacher_forced = csgd_eval_metrics(drafter, _batch(padded_batch), no_glance, head)["loss"]
+    assert out["hamming"] > 0 and out["num_glanced"] == 0
+    assert out["loss"].item() == pytest.approx(teacher_forced.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("glance_in_loss", [True, False])
+def test_second_pass_reads_the_answers_at_the_glanced_positions(target, padded_batch, glance_in_loss):
+    """k = 2 with every candidate glanced (no randomness left): the step's loss is the drafter's on the
+    glanced inputs, over every loss position or only the unglanced ones."""
+    drafter, head = _drafter(target), target.lm_head.weight
+    config = CSGDConfig(noise_bound=0.0, lambda_max=100.0, glance_in_loss=glance_in_loss)
+    out = csgd_step(drafter, _batch(padded_batch), config, 0.0, head, torch.Generator().manual_seed(0))
+
+    aligned = align_targets(padded_batch["hidden_states"], padded_batch["input_ids"], padded_batch["loss_mask"], 2)
+    mask = aligned["position_mask"]
+    glanced = mask.clone()
+    glanced[:, 1::2] = False  # every loss position at a block start
+    inputs = glanced_inputs(aligned["input_features"], aligned["next_ids"], aligned["target_features"],
+                            aligned["target_ids"], glanced)
+    scored = mask if glance_in_loss else mask & ~glanced
+    with torch.no_grad():
+        expected = _lm_head_loss(drafter, target, drafter(*inputs), aligned, scored, config)
+    assert out["num_glanced"].item() == pytest.approx(glanced.sum().item() / 3)
+    assert out["num_positions"].item() == scored.sum().item()
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_a_rows_loss_terms_do_not_depend_on_the_other_rows(target, padded_batch):
+    """Per row: the glancing step's summed loss terms over a batch are the sums over its rows alone."""
+    drafter, head = _drafter(target), target.lm_head.weight
+    config = CSGDConfig(noise_bound=0.0, lambda_max=100.0)  # all candidates: the same glances alone or batched
+    batch = _batch(padded_batch)
+    together = csgd_step(drafter, batch, config, 0.0, head, torch.Generator().manual_seed(0))
+    reg_sum = hamming_sum = 0.0
+    for row, length in enumerate(padded_batch["lengths"]):
+        alone = csgd_step(drafter, {key: value[row:row + 1, :length] for key, value in batch.items()}, config,
+                          0.0, head, torch.Generator().manual_seed(0))
+        reg_sum += alone["reg"].item() * alone["num_positions"].item()
+        hamming_sum += alone["hamming"].item()
+    assert together["reg"].item() * together["num_positions"].item() == pytest.approx(reg_sum, rel=1e-4)
+    assert together["hamming"].item() * 3 == pytest.approx(hamming_sum)
+
+
+# -- pass 1: the drafter's own predictions as decoding feeds them --------------------------------------------
+def _inference_passes(drafter, hidden_states, input_ids, prefix, k):
+    """What decoding's drafter passes 0 and 1 output after a true prefix of `prefix` positions: (features of
+    each pass (k, h), tokens drafted at depths 1..2k), recorded from falcon.generate.draft_tree."""
+    recorded = []
+    hook = drafter.norm.register_forward_hook(lambda module, args, output: recorded.append(args[0][0].clone()))
+    try:
+        state = DrafterState(hidden_states[None, :prefix], input_ids[None, 1:prefix + 1])
+        tree = build_tree(TreeConfig.chain(2 * k), k)
+        tokens = draft_tree(drafter, tree, state, prefix)
+    finally:
+        hook.remove()
+    return recorded, tokens[1:]
+
+
+@pytest.mark.parametrize("block_size,num_layers", [(2, 1), (3, 2)])
+def test_pass1_equals_the_decode_loops_second_pass(target, padded_batch, block_size, num_layers):
+    """fp32: pass 0 at block c and pass 1 at block c+1 equal decoding's two drafter passes after a true
+    prefix of (c+1)·k positions, for every block of every row of a padded batch."""
+    torch.manual_seed(1)
+    drafter = Drafter(DrafterConfig.from_target(target.config, block_size=block_size, num_layers=num_layers))
+    drafter.attach_target(target.get_input_embeddings(), target.get_output_embeddings()).eval()
+    k, batch = block_size, _batch(padded_batch)
+    aligned = align_targets(batch["hidden_states"], batch["input_ids"], batch["loss_mask"], k)
+    with torch.no_grad():
+        pass0 = teacher_forced_pass(drafter, aligned["input_features"], aligned["next_ids"])
+        pass1 = predicted_block_pass(drafter, pass0)
+        assert torch.allclose(pass0.features, drafter(aligned["input_features"], aligned["next_ids"]), atol=1e-5)
+        compared = 0
+        for row, length in enumerate(padded_batch["lengths"]):
+            for prefix in range(k, length - 2 * k + 1, k):  # both predicted blocks inside the real tokens
+                (inference0, inference1), tokens = _inference_passes(
+                    drafter, batch["hidden_states"][row], batch["input_ids"][row], prefix, k)
+                assert torch.allclose(pass0.features[row, prefix - k:prefix], inference0, atol=1e-5)
+                assert torch.allclose(pass1[row, prefix:prefix + k], inference1, atol=1e-5)
+                own_tokens = drafter.logits(pass1[row, prefix:prefix + k]).argmax(-1)
+                assert torch.equal(tokens[k:], own_tokens)
+                compared += 1
+    assert compared >= 3 * 2
+
+
+def test_pass1_reads_its_own_predictions_not_the_truth(target, padded_batch):
+    """Pass 1 at block c+1 changes when pass 0's output for block c does, and not when the true inputs of
+    block c+1 do (it never reads them)."""
+    drafter = _drafter(target).eval()
+    aligned = align_targets(padded_batch["hidden_states"], padded_batch["input_ids"], padded_batch["loss_mask"], 2)
+    features, next_ids = aligned["input_features"], aligned["next_ids"]
+    with torch.no_grad():
+        pass0 = teacher_forced_pass(drafter, features, next_ids)
+        reference = predicted_block_pass(drafter, pass0)
+        changed_truth = features.clone()
+        changed_truth[:, 6:8] += 1.0  # block 3's true inputs: pass 1 of block 3 reads predictions instead
+        pass0_changed = teacher_forced_pass(drafter, changed_truth, next_ids)
+        assert torch.allclose(predicted_block_pass(drafter, pass0_changed)[:, 6:8], reference[:, 6:8], atol=1e-6)
+        pass0.features[:, 2:4] += 1.0  # pass 0's output for block 1 feeds pass 1 of block 2
+        moved = predicted_block_pass(drafter, pass0)
+    assert not torch.allclose(moved[:, 4:6], reference[:, 4:6], atol=1e-3)
+    assert torch.equal(moved[:, 6:], reference[:, 6:])
+
+
+def test_pass1_objective_in_the_step(target, padded_batch):
+    drafter, head = _drafter(target), target.lm_head.weight
+    batch = _batch(padded_batch)
+    plain = CSGDConfig(glancing=False)
+    with_pass1 = CSGDConfig(glancing=False, pass1_weight=0.5, pass1_start=0.5)
+    before_start = csgd_step(drafter, batch, with_pass1, 0.25, head, torch.Generator().manual_seed(0))
+    assert "pass1_loss" not in before_start
+    out = csgd_step(drafter, batch, with_pass1, 0.5, head, torch.Generator().manual_seed(0))
+    alone = csgd_step(drafter, batch, plain, 0.5, head, torch.Generator().manual_seed(0))
+    assert out["loss"].item() == pytest.approx(alone["loss"].item() + 0.5 * out["pass1_loss"].item(), rel=1e-5)
+    assert 0 <= out["pass1_top1"].item() <= 1
+    out["loss"].backward()
+    for name, param in drafter.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    # With glancing the no-grad first pass is pass 0; the sum still has the pass-1 term.
+    glancing = csgd_step(drafter, batch, CSGDConfig(pass1_weight=1.0), 0.0, head, torch.Generator().manual_seed(0))
+    assert glancing["loss"].requires_grad and glancing["pass1_loss"] > 0
+
+
+def test_eval_metrics_cover_every_depth_of_two_passes(target, padded_batch):
+    drafter = _drafter(target)
+    batch = _batch(padded_batch)
+    batch["loss_mask"] = torch.zeros_like(batch["loss_mask"])  # loss from each window's start
+    for row, length in enumerate(padded_batch["lengths"]):
+        batch["loss_mask"][row, :length] = 1
+    metrics = csgd_eval_metrics(drafter, batch, CSGDConfig(), target.lm_head.weight)
+    depths = [f"top1_depth_{d}" for d in range(1, 5)]
+    assert all(key in metrics for key in depths) and "top1_depth_5" not in metrics
+    assert torch.equal(metrics["top1_depth_correct"][:2], metrics["top1_correct_at"])
+    count = metrics["top1_depth_count"]
+    assert torch.equal(count[:2], metrics["top1_count_at"])
+    # Pass 0 scores q + 3 <= length - 1; pass 1 the same positions after each window's first block (q >= 2).
+    assert count[:2].sum().item() == sum(length - 3 for length in padded_batch["lengths"])
+    assert count[2:].sum().item() == sum(length - 3 - 2 for length in padded_batch["lengths"])
+    for depth, key in enumerate(depths):
+        expected = metrics["top1_depth_correct"][depth] / count[depth]
+        assert metrics[key].item() == pytest.approx(expected.item())
