@@ -4,10 +4,14 @@
     model.predict(pd.DataFrame({"prompt": ["Hi!"]}), params={"max_new_tokens": 64})
 
 `load_context` loads the target the package names (or `model_config["target"]`, a load_target spec), checks
-its fingerprint and builds the decoder (`pipelines.inference.load_falcon`). `predict` takes prompts (a
-DataFrame with a `prompt` column or one string column, a list of strings, or one string), applies the chat
-template, generates with greedy decoding or the sampling params, and returns one row per prompt:
-text, num_tokens, tau, tokens_per_s, seconds, steps (see `pipelines.inference.PREDICT_COLUMNS`).
+its fingerprint and builds the decoder (`pipelines.inference.load_falcon`). A target with its own model code
+loads only with `model_config={"trust_remote_code": True}` given at load (packaging never logs that key).
+`predict` takes prompts (a DataFrame with a `prompt` column or one string column, a list of strings, or one
+string), applies the chat template, generates with greedy decoding or the sampling params, and returns one
+row per prompt: text, num_tokens, tau, tokens_per_s, seconds, steps (see `pipelines.inference.PREDICT_COLUMNS`).
+
+Note: `mlflow.pyfunc.load_model` runs the Python file stored in the model, so it trusts whoever can write to
+the registry; `pipelines.inference.load_falcon` and its CLI read the package's data files only.
 """
 
 import mlflow
@@ -22,7 +26,8 @@ class FalconPyfunc(PythonModel):
     def load_context(self, context):
         config = dict(context.model_config or {})
         self.package = load_falcon(context.artifacts[PYFUNC_ARTIFACT], device=config.get("device", "cpu"),
-                                   dtype=config.get("dtype", "bfloat16"), target=config.get("target"))
+                                   dtype=config.get("dtype", "bfloat16"), target=config.get("target"),
+                                   trust_remote_code=config.get("trust_remote_code") is True)
 
     def predict(self, context, model_input, params=None):
         params = {**PREDICT_PARAMS, **(params or {})}

@@ -10,13 +10,18 @@ A package is a directory (see `pipelines.packaging`, which writes it):
 
     drafter/          model.safetensors (weights and the draft-to-target vocabulary map) + drafter_config.json
     tree.json         {"paths": [[rank, ...], ...], "block_size": k, "summary": {...}}
-    target.json       {"spec": load_target spec, "fingerprint": ..., "trust_remote_code": ..., "description": ...}
+    target.json       {"spec": load_target spec, "fingerprint": ..., "trust_remote_code": ..., "code_sha256": ...,
+                       "description": ...}
     package.json      {"format": 1, "content_hash": ..., "expected": {...}}
     tree_report.json  how the tree was chosen (acceptance table, timings)
 
 Registered models hold it as the pyfunc artifact `package` (`pipelines/falcon_pyfunc.py`). The target is
 loaded from the spec the package names, or given by the caller; either way its fingerprint must be the one
 the package was made for.
+
+Loading reads data only: nothing a package brings is executed. `trust_remote_code` (a target's own model code)
+is off unless the caller turns it on; target.json's flag only records how the package was made. With it on,
+the target's Python files must be the ones the package was made with (`code_sha256`), checked before import.
 """
 
 from __future__ import annotations
@@ -36,7 +41,14 @@ import yaml
 from falcon.drafter import DrafterMismatchError, load_drafter
 from falcon.generate import FalconDecoder, GenerationResult, SamplingConfig, autoregressive_generate
 from falcon.lookup import LookupConfig
-from falcon.target import describe_target, load_target, target_fingerprint
+from falcon.target import (
+    TargetLoadError,
+    describe_target,
+    load_target,
+    remote_code_digest,
+    target_fingerprint,
+)
+from falcon.tree import MAX_TREE_NODES, Tree, TreeConfig, TreeError, build_tree
 from pipelines.tracking import DEFAULT_TRACKING_URI, resolve_tracking_uri
 
 PACKAGE_FORMAT = 1
@@ -90,8 +102,10 @@ def find_package_dir(path: str | Path) -> Path:
     if mlmodel.is_file():
         flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}).get("python_function", {})
         artifact = (flavor.get("artifacts") or {}).get(PYFUNC_ARTIFACT)
-        if artifact and (path / artifact["path"] / PACKAGE_FILE).is_file():
-            return path / artifact["path"]
+        if isinstance(artifact, dict) and isinstance(artifact.get("path"), str):
+            package_dir = _artifact_dir(path, artifact["path"])
+            if (package_dir / PACKAGE_FILE).is_file():
+                return package_dir
         raise PackageError(f"{path} is an MLflow model but not a Falcon package (no '{PYFUNC_ARTIFACT}' artifact)")
     if (path / "package" / PACKAGE_FILE).is_file():  # a packaging run directory
         return path / "package"
@@ -99,6 +113,16 @@ def find_package_dir(path: str | Path) -> Path:
         f"no Falcon package at {path}: expected {PACKAGE_FILE} there, an MLflow model directory, or a packaging "
         "run directory holding package/"
     )
+
+
+def _artifact_dir(model_dir: Path, artifact_path: str) -> Path:
+    """The directory an MLmodel names, refused unless it lies inside the model directory (no `..`, no absolute
+    path, no symlink out): a downloaded model must not make us read files elsewhere on this machine."""
+    resolved = (model_dir / artifact_path).resolve()
+    if not resolved.is_relative_to(model_dir.resolve()):
+        raise PackageError(f"{model_dir / 'MLmodel'}: the '{PYFUNC_ARTIFACT}' artifact path {artifact_path!r} leaves the "
+                           "model directory; refusing to read it (a damaged or hostile model)")
+    return resolved
 
 
 def _registry_version(uri: str, tracking_uri: str) -> dict[str, Any]:
@@ -140,7 +164,13 @@ def _download(uri: str, tracking_uri: str, destination: Path) -> Path:
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise PackageError(f"incomplete package: {path} is missing")
-    return json.loads(path.read_text())
+    try:
+        content = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise PackageError(f"damaged package: {path} is not valid JSON ({error}); package the drafter again") from None
+    if not isinstance(content, dict):
+        raise PackageError(f"damaged package: {path} holds a {type(content).__name__}, not a JSON object")
+    return content
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -148,14 +178,17 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def load_falcon(uri: str | Path, *, device: str = "cpu", dtype: str = "bfloat16", tracking_uri: str | None = None,
-                target=None, trust_remote_code: bool | None = None) -> FalconPackage:
+                target=None, trust_remote_code: bool = False) -> FalconPackage:
     """Load a package and its target, check they belong together, and build the decoder.
 
     uri: `models:/NAME@ALIAS`, `models:/NAME/VERSION`, another MLflow artifact URI (`runs:/...`), or a local
     package / MLflow model / packaging run directory.
     target: None (load the target spec the package names, on `device` in `dtype`), another load_target spec
     (the same target stored elsewhere), or an already loaded `(model, tokenizer)`.
-    Raises DrafterMismatchError when the target is not the one the package was made for.
+    trust_remote_code: import the target's own model code (its config's auto_map). Only the caller turns it on;
+    the target's Python files are then checked against the package before anything imports them.
+    Raises DrafterMismatchError when the target is not the one the package was made for, PackageError when the
+    package or its target cannot be read.
     """
     uri = str(uri)
     info: dict[str, Any] = {"uri": uri}
@@ -175,35 +208,24 @@ def load_falcon(uri: str | Path, *, device: str = "cpu", dtype: str = "bfloat16"
 
 
 def _load_from_dir(package_dir: Path, info: dict[str, Any], device: str, dtype: str, target,
-                   trust_remote_code: bool | None) -> FalconPackage:
+                   trust_remote_code: bool) -> FalconPackage:
     meta = _read_json(package_dir / PACKAGE_FILE)
     if meta.get("format") != PACKAGE_FORMAT:
         raise PackageError(f"{package_dir}: package format {meta.get('format')!r}, this code reads {PACKAGE_FORMAT}")
     target_ref = _read_json(package_dir / TARGET_FILE)
     tree = _read_json(package_dir / TREE_FILE)
+    if not isinstance(target_ref.get("fingerprint"), str):
+        raise PackageError(f"damaged package: {package_dir / TARGET_FILE} records no target fingerprint")
 
-    if isinstance(target, tuple):
-        model, tokenizer = target
-        spec = "(given)"
-    else:
-        spec = target_ref.get("spec") if target is None else os.fspath(target)
-        trust = target_ref.get("trust_remote_code", False) if trust_remote_code is None else trust_remote_code
-        model, tokenizer = load_target(spec, device=device, dtype=dtype, trust_remote_code=trust)
-    fingerprint = target_fingerprint(model, tokenizer)
-    if fingerprint != target_ref["fingerprint"]:
-        made_for = target_ref.get("description", {})
-        raise DrafterMismatchError(
-            f"this package was made for target {target_ref['fingerprint']} ({made_for.get('architecture', '?')}, "
-            f"{made_for.get('num_layers', '?')} layers, spec {target_ref.get('spec')!r}) but the target loaded from "
-            f"{spec!r} is {fingerprint}; load the target named in the package (or the same weights stored "
-            "elsewhere), or package a drafter trained for this target"
-        )
+    model, tokenizer, spec = _package_target(target_ref, target, device, dtype, trust_remote_code)
+    fingerprint = _checked_fingerprint(target_ref, model, tokenizer, spec)
     drafter = load_drafter(package_dir / DRAFTER_DIR, model, target_fingerprint=fingerprint)
     try:
         lookup = LookupConfig(**tree.get("lookup", {}))  # packages from before lookup: off
     except (TypeError, ValueError) as error:
         raise PackageError(f"{package_dir / TREE_FILE}: bad lookup settings {tree.get('lookup')!r}: {error}") from error
-    decoder = FalconDecoder(model, drafter, tree["paths"], target_fingerprint=fingerprint, lookup=lookup)
+    decoder = FalconDecoder(model, drafter, _package_tree(tree, drafter, model.device, package_dir / TREE_FILE),
+                            target_fingerprint=fingerprint, lookup=lookup)
     info.update(
         package_dir=str(package_dir),
         content_hash=meta.get("content_hash"),
@@ -215,6 +237,65 @@ def _load_from_dir(package_dir: Path, info: dict[str, Any], device: str, dtype: 
                  "num_layers": drafter.config.num_layers, "max_passes": drafter.config.max_passes},
     )
     return FalconPackage(decoder, model, tokenizer, drafter, [list(p) for p in tree["paths"]], fingerprint, info)
+
+
+def _package_target(target_ref: dict[str, Any], target, device: str, dtype: str,
+                    trust_remote_code: bool) -> tuple[Any, Any, str]:
+    """(model, tokenizer, spec) of the target: given, or loaded from the caller's spec or the package's."""
+    if isinstance(target, tuple):
+        return *target, "(given)"
+    spec = target_ref.get("spec") if target is None else os.fspath(target)
+    if trust_remote_code:
+        _check_target_code(target_ref, spec)
+    try:
+        return *load_target(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code), spec
+    except TargetLoadError as error:
+        if not trust_remote_code and target_ref.get("trust_remote_code"):
+            raise PackageError(
+                f"the package's target {spec!r} runs its own model code and was packaged with trust_remote_code, "
+                "which is never taken from a package: pass trust_remote_code=True yourself (CLI "
+                "--trust-remote-code, pyfunc model_config {'trust_remote_code': true}) only if you trust the "
+                f"Python files of that target ({error})"
+            ) from None
+        raise PackageError(f"cannot load the package's target {spec!r}: {error}") from None
+
+
+def _check_target_code(target_ref: dict[str, Any], spec: str | None) -> None:
+    """The target's Python files must be those the package was made with, checked before anything imports them."""
+    found, expected = remote_code_digest(spec), target_ref.get("code_sha256")
+    if found != expected:
+        raise DrafterMismatchError(
+            f"the Python code of target {spec!r} (sha256 {found or 'none'}) is not the code this package was made "
+            f"with (sha256 {expected or 'none'}); refusing to import it: load the target the package was made for"
+        )
+
+
+def _checked_fingerprint(target_ref: dict[str, Any], model, tokenizer, spec: str) -> str:
+    try:
+        fingerprint = target_fingerprint(model, tokenizer)
+    except TargetLoadError as error:
+        raise PackageError(f"cannot fingerprint the target {spec!r}: {error}") from None
+    if fingerprint != target_ref["fingerprint"]:
+        made_for = target_ref.get("description", {})
+        raise DrafterMismatchError(
+            f"this package was made for target {target_ref['fingerprint']} ({made_for.get('architecture', '?')}, "
+            f"{made_for.get('num_layers', '?')} layers, spec {target_ref.get('spec')!r}) but the target loaded from "
+            f"{spec!r} is {fingerprint}; load the target named in the package (or the same weights stored "
+            "elsewhere), or package a drafter trained for this target"
+        )
+    return fingerprint
+
+
+def _package_tree(tree: dict[str, Any], drafter, device, path: Path) -> Tree:
+    """The package's tree, checked against what the drafter can propose: bad trees fail here, not on a request."""
+    if "paths" not in tree:
+        raise PackageError(f"damaged package: {path} has no 'paths' list")
+    try:
+        return build_tree(TreeConfig(paths=tree["paths"]), drafter.config.block_size, drafter.config.max_tree_depth,
+                          device, num_candidates=drafter.config.draft_vocab_size or drafter.config.vocab_size,
+                          max_nodes=MAX_TREE_NODES)
+    except TreeError as error:
+        raise PackageError(f"{path}: this tree cannot be served: {error}") from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -298,11 +379,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--tracking-uri", default=None, help=f"default: $MLFLOW_TRACKING_URI or {DEFAULT_TRACKING_URI}")
     parser.add_argument("--target", default=None, help="load_target spec overriding the one in the package")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="import the target's own model code; only for code you trust (a package never turns it on)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the plain-decoding comparison")
     args = parser.parse_args(argv)
     try:
         package = load_falcon(args.model, device=args.device, dtype=args.dtype, tracking_uri=args.tracking_uri,
-                              target=args.target)
+                              target=args.target, trust_remote_code=args.trust_remote_code)
     except (PackageError, DrafterMismatchError) as error:
         print(f"inference: error: {error}", file=sys.stderr)
         return 1
