@@ -1,18 +1,22 @@
 """Package a trained drafter with its decoding tree and target reference as one MLflow model, register it,
-and point an alias at it.
+check it, and point an alias at it.
 
     result = run_packaging(load_package_config("jobs/configs/smollm2-demo.yaml"))
     result.model_uri  # models:/falcon-smollm2@champion
 
 Steps: load the target and the drafter (fingerprints checked against each other and against the store),
 choose the tree (`pipelines.tree_tuning`: tuned on the held-out split training left out, a preset or a fixed
-shape), write the package directory (layout in `pipelines.inference`), and log it as a pyfunc model FROM
-CODE (`pipelines/falcon_pyfunc.py`; nothing pickled) in an MLflow run, registered under `model_name` with
-the alias set.
+shape), write the package directory (layout in `pipelines.inference`), log it as a pyfunc model FROM
+CODE (`pipelines/falcon_pyfunc.py`; nothing pickled) in an MLflow run, registered under `model_name`. Then
+the check: the registered version is loaded back from the registry (drafter, tree, target fingerprint) and
+decodes a short prompt as plain greedy decoding does (a divergence passes only as a numerical tie, judged as
+the benchmark does); its verdict is the version's `falcon.package_check` tag. Only a version that passed gets
+the alias, and never when the alias already points at a newer version: moving it back is a deliberate
+promotion (README), not a side effect of re-running an old config.
 
 Idempotence: the package's content hash (drafter weights and config, tree paths, lookup settings, target fingerprint)
 is a tag of the model version. When a version of `model_name` already carries the hash, no run and no version
-are made; the alias is pointed at that version. A tuned tree is kept in `run_dir` with the inputs it was
+are made; that version is checked and gets the alias as above. A tuned tree is kept in `run_dir` with the inputs it was
 tuned for and reused on re-runs (timings are noisy, so re-tuning could give another tree); `fresh=True`
 re-tunes.
 
@@ -32,16 +36,17 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from falcon.drafter import CONFIG_FILE, WEIGHTS_FILE, load_drafter
+from falcon.drafter import CONFIG_FILE, WEIGHTS_FILE, DrafterMismatchError, load_drafter
 from falcon.lookup import LookupConfig
-from falcon.target import describe_target, load_target, target_fingerprint
+from falcon.target import describe_target, load_target, remote_code_digest, target_fingerprint
+from pipelines.benchmark import DivergenceAuditor, first_divergence
 from pipelines.config import ConfigError, load_section
 from pipelines.inference import (
     DRAFTER_DIR,
@@ -53,7 +58,11 @@ from pipelines.inference import (
     REPORT_FILE,
     TARGET_FILE,
     TREE_FILE,
+    FalconPackage,
     PackageError,
+    encode_prompt,
+    generate_text,
+    load_falcon,
 )
 from pipelines.ray_utils import use_torch_threads
 from pipelines.tracking import DEFAULT_TRACKING_URI, ensure_experiment, resolve_tracking_uri
@@ -61,6 +70,10 @@ from pipelines.tree_tuning import TreeTuningConfig, resolve_tree
 
 PYFUNC_FILE = Path(__file__).with_name("falcon_pyfunc.py")
 CONTENT_HASH_TAG = "falcon.content_hash"
+CHECK_TAG = "falcon.package_check"  # on each checked version: "passed", or "failed: <why>"
+CHECK_PROMPT = "What is the capital of France?"
+CHECK_TOKENS = 16  # decoded by the check: a few Falcon steps, enough to use the tree below its first pass
+CHECK_TIE_FACTOR = 2.0  # the benchmark's default: how close a divergence must be to pass as a numerical tie
 MODEL_ARTIFACT_NAME = "falcon"
 TUNED_TREES_DIR = "tuned_trees"  # in run_dir: each tuned tree with the inputs it was tuned for
 SUMMARY_FILE = "summary.json"
@@ -145,6 +158,16 @@ def content_hash(drafter_dir: Path, tree_paths: list[list[int]], fingerprint: st
     return digest.hexdigest()
 
 
+def target_reference(spec: str | None, target, tokenizer, trust_remote_code: bool) -> dict[str, Any]:
+    """target.json: where the target loads from, what it must be, and the digest of its own Python code.
+
+    `trust_remote_code` only records how the package was made: loading never takes it from here.
+    """
+    spec = str(Path(spec).resolve()) if spec and Path(spec).exists() else spec
+    return {"spec": spec, "fingerprint": target_fingerprint(target, tokenizer), "trust_remote_code": trust_remote_code,
+            "code_sha256": remote_code_digest(spec), "description": describe_target(target, tokenizer)}
+
+
 def write_package(package_dir: Path, drafter_dir: Path, tree_paths: list[list[int]], tree_report: dict[str, Any],
                   target_ref: dict[str, Any], lookup: LookupConfig) -> dict[str, Any]:
     """(Re)write the package directory; returns its package.json content."""
@@ -177,14 +200,19 @@ def write_package(package_dir: Path, drafter_dir: Path, tree_paths: list[list[in
 class PublishedModel:
     name: str
     version: int
-    alias: str
     reused: bool  # an existing version already held this content
     run_id: str | None
     tracking_uri: str
+    alias: str | None = None  # the alias now pointing at this version; None until the check passed and it moved
+    alias_note: str | None = None  # why the alias was left where it was
+
+    @property
+    def version_uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
 
     @property
     def model_uri(self) -> str:
-        return f"models:/{self.name}@{self.alias}"
+        return f"models:/{self.name}@{self.alias}" if self.alias else self.version_uri
 
 
 def pip_requirements() -> list[str]:
@@ -210,10 +238,20 @@ def find_version(client, name: str, digest: str):
     return max(versions, key=lambda v: int(v.version), default=None)
 
 
-def publish(package_dir: Path, digest: str, *, model_name: str, alias: str, tracking_uri: str, experiment: str,
-            model_config: dict[str, Any], params: dict[str, Any], metrics: dict[str, float],
-            tags: dict[str, str]) -> PublishedModel:
-    """Log the package as a pyfunc model from code, register it, set the alias; reuse a version with this hash.
+def publish(package_dir: Path, digest: str, *, alias: str, target, tokenizer, **registration) -> PublishedModel:
+    """Register the package (or find the version holding it), check that version, and only then move the alias.
+
+    `registration`: the keyword arguments of `register_package`. Raises PackageError when the check fails.
+    """
+    registered = register_package(package_dir, digest, **registration)
+    check_registered_version(registered, target, tokenizer)
+    return point_alias(registered, alias)
+
+
+def register_package(package_dir: Path, digest: str, *, model_name: str, tracking_uri: str, experiment: str,
+                     model_config: dict[str, Any], params: dict[str, Any], metrics: dict[str, float],
+                     tags: dict[str, str]) -> PublishedModel:
+    """Log the package as a pyfunc model from code and register it, or reuse a version with this hash. No alias.
 
     Sets mlflow's process-wide tracking URI to `tracking_uri`: logging a model goes through the fluent API.
     """
@@ -224,8 +262,7 @@ def publish(package_dir: Path, digest: str, *, model_name: str, alias: str, trac
     client = MlflowClient(tracking_uri)
     existing = find_version(client, model_name, digest)
     if existing is not None:
-        client.set_registered_model_alias(model_name, alias, existing.version)
-        return PublishedModel(model_name, int(existing.version), alias, True, existing.run_id, tracking_uri)
+        return PublishedModel(model_name, int(existing.version), True, existing.run_id, tracking_uri)
     experiment_id = ensure_experiment(client, experiment, tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"package-{model_name}") as run:
@@ -242,8 +279,53 @@ def publish(package_dir: Path, digest: str, *, model_name: str, alias: str, trac
             metadata={"falcon_content_hash": digest},
         )
         version = mlflow.register_model(model_info.model_uri, model_name, tags={CONTENT_HASH_TAG: digest})
-    client.set_registered_model_alias(model_name, alias, version.version)
-    return PublishedModel(model_name, int(version.version), alias, False, run.info.run_id, tracking_uri)
+    return PublishedModel(model_name, int(version.version), False, run.info.run_id, tracking_uri)
+
+
+def check_registered_version(published: PublishedModel, target, tokenizer) -> None:
+    """Load the version back from the registry and decode with it; tag the verdict; PackageError if it failed.
+
+    The load checks the drafter, the tree and the target fingerprint; `target` is the target it was made for.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(published.tracking_uri)
+    try:
+        package = load_falcon(published.version_uri, tracking_uri=published.tracking_uri, target=(target, tokenizer))
+        check_decodes_like_greedy(package)
+    except (PackageError, DrafterMismatchError) as error:
+        client.set_model_version_tag(published.name, str(published.version), CHECK_TAG, f"failed: {error}"[:4000])
+        raise PackageError(f"{published.version_uri} failed packaging's check, so no alias was moved: {error}") from None
+    client.set_model_version_tag(published.name, str(published.version), CHECK_TAG, "passed")
+
+
+def check_decodes_like_greedy(package: FalconPackage) -> None:
+    """Falcon's greedy output on CHECK_PROMPT must be plain greedy decoding's, up to a numerical tie."""
+    falcon = generate_text(package, CHECK_PROMPT, CHECK_TOKENS)
+    plain = generate_text(package, CHECK_PROMPT, CHECK_TOKENS, method="autoregressive")
+    index = first_divergence(plain.token_ids, falcon.token_ids)
+    if index is None:
+        return
+    prompt_ids = encode_prompt(package.tokenizer, CHECK_PROMPT).to(package.target.device)
+    verdict = DivergenceAuditor(package.target, CHECK_TIE_FACTOR).audit(prompt_ids, plain.token_ids,
+                                                                        falcon.token_ids, index)
+    if verdict["kind"] != "tie":
+        raise PackageError(f"decoding {CHECK_PROMPT!r}, Falcon left plain greedy decoding at token {index} and no "
+                           f"numerical tie explains it ({verdict}): the package decodes wrongly")
+
+
+def point_alias(published: PublishedModel, alias: str) -> PublishedModel:
+    """Point `alias` at the version, unless it already points at a newer one: it never moves back silently."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(published.tracking_uri)
+    current = client.get_registered_model(published.name).aliases.get(alias)
+    if current is not None and int(current) > published.version:
+        return replace(published, alias_note=(
+            f"alias {alias!r} left on version {current}, newer than this version {published.version}; to serve "
+            f"this one, promote it deliberately (set_registered_model_alias, see the README)"))
+    client.set_registered_model_alias(published.name, alias, str(published.version))
+    return replace(published, alias=alias)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -311,12 +393,7 @@ def run_packaging(config: PackageConfig, *, fresh: bool = False) -> PackageResul
     report = _resolve_tree_report(config, drafter, target, fingerprint, drafter_dir, run_dir, fresh)
     tree_paths = report["paths"]
 
-    target_ref = {
-        "spec": str(Path(config.target).resolve()) if config.target and Path(config.target).exists() else config.target,
-        "fingerprint": fingerprint,
-        "trust_remote_code": config.trust_remote_code,
-        "description": describe_target(target, tokenizer),
-    }
+    target_ref = target_reference(config.target, target, tokenizer, config.trust_remote_code)
     package_dir = run_dir / PACKAGE_SUBDIR
     meta = write_package(package_dir, drafter_dir, tree_paths, report, target_ref, config.lookup)
     summary = report["summary"]
@@ -330,14 +407,15 @@ def run_packaging(config: PackageConfig, *, fresh: bool = False) -> PackageResul
     train_run_id_file = drafter_dir.parent / TRAIN_RUN_ID_FILE
     if train_run_id_file.is_file():
         tags["falcon.train_run_id"] = train_run_id_file.read_text().strip()
-    published = publish(package_dir, meta["content_hash"], model_name=config.model_name, alias=config.alias,
-                        tracking_uri=config.tracking_uri, experiment=config.experiment,
+    published = publish(package_dir, meta["content_hash"], alias=config.alias, target=target, tokenizer=tokenizer,
+                        model_name=config.model_name, tracking_uri=config.tracking_uri, experiment=config.experiment,
                         model_config={"device": config.device, "dtype": config.dtype},
                         params=params, metrics=metrics, tags=tags)
     result = PackageResult(published, tree_paths, report, str(package_dir), config.lookup)
     (run_dir / SUMMARY_FILE).write_text(json.dumps({
         "model_uri": published.model_uri, "name": published.name, "version": published.version,
-        "alias": published.alias, "reused_version": published.reused, "run_id": published.run_id,
+        "alias": published.alias, "alias_note": published.alias_note, "reused_version": published.reused,
+        "run_id": published.run_id,
         "tracking_uri": published.tracking_uri, "content_hash": meta["content_hash"], "tree": summary,
         **metrics,
     }, indent=2) + "\n")
@@ -349,7 +427,9 @@ def describe_result(result: PackageResult) -> str:
     published, report, summary = result.published, result.tree_report, result.tree_report["summary"]
     state = "existing version reused (same content)" if published.reused else "new version registered"
     lines = [
-        f"model: {published.model_uri} -> {published.name} version {published.version} ({state})",
+        f"model: {published.model_uri} -> {published.name} version {published.version} ({state}; checked: loads "
+        "back from the registry and decodes as plain greedy decoding)",
+        *([f"alias: {published.alias_note}"] if published.alias_note else []),
         f"registry: {published.tracking_uri}",
         f"tree ({report['mode']}): {summary['nodes']} nodes, depth {summary['depth']}, per depth "
         f"{summary['nodes_per_depth']}, branches per drafter pass {summary['pass_branches']}",

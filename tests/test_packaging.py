@@ -77,7 +77,7 @@ def train_briefly(drafter: Drafter, target, store, steps: int = 40) -> None:
     lm_head_weight = target.get_output_embeddings().weight.detach()
     drafter.train()
     for step in range(steps):
-        loss = csgd_step(drafter, batch, config, step, steps, lm_head_weight, generator)["loss"]
+        loss = csgd_step(drafter, batch, config, step / steps, lm_head_weight, generator)["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -344,11 +344,15 @@ def test_job_rerun_reuses_the_version(workspace, packaged, capsys):
     client = MlflowClient(ws["tracking_uri"])
     assert [int(v.version) for v in client.search_model_versions(f"name='{MODEL_NAME}'")] == [1]
 
-    # Another tree is other content: a new version takes the alias; the first content gets its version back.
+    # Another tree is other content: a new version takes the alias. Re-running the first config finds its
+    # version again but does not move the alias back to it: that is a deliberate promotion.
     assert main(["--config", str(config_path), "--set", "tree.mode=fixed", "--set", "tree.branching=[2,1]"]) == 0
     assert int(client.get_model_version_by_alias(MODEL_NAME, "champion").version) == 2
+    capsys.readouterr()
     assert main(["--config", str(config_path)]) == 0
-    assert int(client.get_model_version_by_alias(MODEL_NAME, "champion").version) == 1
+    assert int(client.get_model_version_by_alias(MODEL_NAME, "champion").version) == 2
+    output = capsys.readouterr().out
+    assert f"models:/{MODEL_NAME}/1" in output and "alias 'champion' left on version 2, newer than this version 1" in output
     assert len(client.search_model_versions(f"name='{MODEL_NAME}'")) == 2
 
     # So are other lookup settings, and the loaded package decodes with them.
@@ -356,8 +360,46 @@ def test_job_rerun_reuses_the_version(workspace, packaged, capsys):
     assert int(client.get_model_version_by_alias(MODEL_NAME, "champion").version) == 3
     package = load_falcon(f"models:/{MODEL_NAME}@champion", tracking_uri=ws["tracking_uri"], dtype="float32")
     assert package.decoder.lookup.num_tokens == 3 and package.info["lookup"]["num_tokens"] == 3
-    assert main(["--config", str(config_path)]) == 0
-    assert int(client.get_model_version_by_alias(MODEL_NAME, "champion").version) == 1
+    assert {v.tags.get("falcon.package_check") for v in client.search_model_versions(f"name='{MODEL_NAME}'")} == {"passed"}
+
+
+def checked_config(ws, tmp_path, **tree) -> PackageConfig:
+    """A fixed tree without the store (nothing measured), registered under its own name."""
+    return package_config(ws, run_dir=str(tmp_path / "run"), store=None, model_name="falcon-tiny-checked",
+                          tree=TreeTuningConfig(mode="fixed", **tree))
+
+
+def test_a_version_failing_the_check_gets_no_alias(workspace, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(workspace["tracking_uri"])
+    good = run_packaging(checked_config(workspace, tmp_path, branching=[2, 1]))
+    assert good.published.alias == "champion" and good.published.version == 1
+    # Rank 600 is beyond the 512-token draft vocabulary: packaging writes it, loading it back refuses it.
+    with pytest.raises(PackageError, match="falcon-tiny-checked/2 failed packaging's check.*rank 600"):
+        run_packaging(checked_config(workspace, tmp_path, paths=[[0], [600]]))
+    assert int(client.get_model_version_by_alias("falcon-tiny-checked", "champion").version) == 1
+    assert client.get_model_version("falcon-tiny-checked", "2").tags["falcon.package_check"].startswith("failed: ")
+
+
+def test_a_version_that_decodes_wrongly_gets_no_alias(workspace, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from falcon.generate import FalconDecoder
+
+    good = run_packaging(checked_config(workspace, tmp_path, branching=[1]))
+    correct_generate = FalconDecoder.generate
+
+    def off_by_one_token(self, *args, **kwargs):  # a decoder bug: the last token is another one
+        result = correct_generate(self, *args, **kwargs)
+        result.tokens[-1] = (result.tokens[-1] + 1) % self.target.config.vocab_size
+        return result
+
+    monkeypatch.setattr(FalconDecoder, "generate", off_by_one_token)
+    with pytest.raises(PackageError, match="failed packaging's check.*no numerical tie explains it"):
+        run_packaging(checked_config(workspace, tmp_path, branching=[1, 1]))
+    champion = MlflowClient(workspace["tracking_uri"]).get_model_version_by_alias("falcon-tiny-checked", "champion")
+    assert int(champion.version) == good.published.version
 
 
 def test_job_reports_a_missing_drafter(workspace, tmp_path, capsys):
