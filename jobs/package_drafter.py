@@ -1,4 +1,4 @@
-"""Tune the decoding tree of a trained drafter, package it as an MLflow model, register it and set the alias.
+"""Tune the decoding tree of a trained drafter, package it as an MLflow model, register it, check it, set the alias.
 
     python jobs/package_drafter.py --config jobs/configs/smollm2-demo.yaml [--set key=value ...] [--fresh]
     ray job submit --working-dir . -- python jobs/package_drafter.py --config jobs/configs/<name>.yaml
@@ -6,6 +6,8 @@
 Reads the `package:` section of the config (see pipelines/packaging.py:PackageConfig); `--set` keys are
 relative to it (`--set tree.mode=preset`). The drafter defaults to `<train.run_dir>/drafter` and the
 held-out samples to the train section's store and split. No Ray needed: it runs the same under `ray job submit`.
+The alias moves only once the registered version passed packaging's check (it loads back and decodes as
+plain greedy decoding), and never back to an older version: the output says where it was left.
 """
 
 import sys
