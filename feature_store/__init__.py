@@ -4,11 +4,13 @@
     store.write_shard(shard_id, samples)                      # one writer per shard, atomic commit
     store.commit_manifest()                                   # manifest.parquet from the commit records
     store.sample(i); store.split(0.05); FeatureDataset(store, indices, max_len)
+    with WriterLock(store.location): ...                      # one writing job per store at a time
 
 See `feature_store.store` for the layout, `feature_store.shard` for the commit protocol and
-`feature_store.schema` for the stored arrays and dtypes.
+`feature_store.schema` for the stored arrays and dtypes, `feature_store.lock` for the writer lock.
 """
 
+from feature_store.lock import StoreLockedError, WriterLock
 from feature_store.ray_data import to_ray_dataset
 from feature_store.schema import SCHEMA_VERSION, SampleError, StoreMetadata, StoreMismatchError
 from feature_store.shard import ShardRecord
@@ -20,9 +22,11 @@ __all__ = [
     "FeatureStore",
     "SampleError",
     "ShardRecord",
+    "StoreLockedError",
     "StoreMetadata",
     "StoreMismatchError",
     "VerifyReport",
+    "WriterLock",
     "collate_features",
     "to_ray_dataset",
 ]

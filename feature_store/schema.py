@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+# 2: store.json holds a store_id and every commit record names it (1 had neither).
+SCHEMA_VERSION = 2
 
 # Storage dtype of each configurable float format.
 HIDDEN_DTYPES = {"bfloat16": np.dtype("<u2"), "float16": np.dtype("<f2")}
@@ -51,6 +52,10 @@ class StoreMetadata:
     `extraction_config` should hold only settings that change the stored content (max length,
     chat template, samples per shard, dataset digest), not resources such as worker counts:
     re-running into an existing store requires equal metadata.
+
+    `store_id` is not content: `FeatureStore.create` gives every new store a random one, so a shard
+    written for a store that was since deleted and re-created at the same URL is told apart. It takes no
+    part in equality or `differences`.
     """
 
     target_fingerprint: str
@@ -62,10 +67,13 @@ class StoreMetadata:
     topk_dtype: str = "float32"
     extraction_config: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    store_id: str | None = field(default=None, compare=False)  # None until the store is created
 
     def __post_init__(self) -> None:
         if self.schema_version != SCHEMA_VERSION:
             raise ValueError(f"this code writes schema_version {SCHEMA_VERSION}, got {self.schema_version!r}")
+        if self.store_id is not None and (not isinstance(self.store_id, str) or not self.store_id):
+            raise ValueError(f"StoreMetadata.store_id must be a non-empty string or None, got {self.store_id!r}")
         if not isinstance(self.target_fingerprint, str) or not self.target_fingerprint:
             raise ValueError("StoreMetadata.target_fingerprint must be a non-empty string")
         if self.hidden_size <= 0 or self.vocab_size <= 0:
@@ -95,7 +103,11 @@ class StoreMetadata:
         if version != SCHEMA_VERSION:
             raise StoreMismatchError(
                 f"{where}: store has schema_version {version!r}, this code reads schema_version {SCHEMA_VERSION}"
+                + (" (version 1 stores have no store_id to tell their shards from a re-created store's); "
+                   "extract into a new store, or re-run the extraction with --fresh" if version == 1 else "")
             )
+        if not values.get("store_id"):
+            raise StoreMismatchError(f"{where}: store.json has no store_id; the store is damaged, re-extract it")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
@@ -105,7 +117,8 @@ class StoreMetadata:
     def differences(self, other: StoreMetadata) -> list[str]:
         """Human-readable `field: ours != theirs` lines for every field that differs."""
         ours, theirs = self.to_dict(), other.to_dict()
-        return [f"{k}: {ours[k]!r} != {theirs[k]!r}" for k in ours if ours[k] != theirs[k]]
+        content = [f.name for f in dataclasses.fields(self) if f.compare]
+        return [f"{k}: {ours[k]!r} != {theirs[k]!r}" for k in content if ours[k] != theirs[k]]
 
     def token_arrays(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
         """Per-token arrays in storage order: name -> (storage dtype, shape of one token's row)."""

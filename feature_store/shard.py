@@ -7,7 +7,7 @@ Layout of `shards/shard-00042/`:
     offsets/               int64 [n_samples + 1]; sample j holds tokens offsets[j]:offsets[j+1]
     input_ids/ loss_mask/ hidden_states/ [topk_values/ topk_indices/ logsumexp/]
                            per-token arrays, concatenated over the shard's samples
-    COMMITTED.json         the commit record (counts, byte size, checksums), written LAST
+    COMMITTED.json         the commit record (counts, byte size, checksums, store_id), written LAST
 
 Each per-token array is split into chunks of about 1 MiB along the token axis (random access reads
 one or two chunks per sample) and all its chunks sit in one Zarr shard file (few files per shard,
@@ -15,16 +15,21 @@ cheap on object stores). Chunks are compressed with Blosc zstd level 3 with byte
 shuffle was measured and compressed hidden states worse) and carry a crc32c, so a damaged chunk
 raises on read instead of feeding garbage to training.
 
-Commit protocol. A shard counts as written only when its `COMMITTED.json` exists; readers, the
-manifest and `committed_shards()` ignore anything else.
+Commit protocol. A shard counts as written only when its `COMMITTED.json` exists, parses, and names
+this store's `store_id`; readers, the manifest and `committed_shards()` ignore anything else. A
+commit record that is damaged, or names another store (written by a writer that outlived a re-create
+of the store at the same URL), is reported by shard name (`ShardScan.ignored`) and its shard is
+rewritten by the next extraction run.
 - Local disk: the shard is written under `shards/.tmp-shard-00042-<uuid>/`, the commit record is
   written last inside it, everything is fsync'ed, and one `os.rename` makes the whole directory
   visible as `shards/shard-00042/`. A crash leaves only a `.tmp-` directory.
 - Object stores (fsspec URLs where renaming a prefix is a copy, not atomic): the shard is written
   in place under its final name, and the commit record, a single atomic PUT, is written last. A
   crash leaves a `shard-00042/` prefix without a commit record: partial, hence invisible.
-Before writing, the writer deletes whatever an earlier, killed attempt at the same shard left.
-Writing is deterministic, so a rerun reproduces the same bytes and checksums.
+Before writing, the writer deletes whatever an earlier, killed attempt at the same shard left; before
+that and again before committing, it checks that it may still write (`check_writer`: the store was
+not re-created, the job still holds the writer lock). Writing is deterministic, so a rerun reproduces
+the same bytes and checksums.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -89,6 +94,7 @@ class ShardRecord:
     nbytes: int  # stored bytes of the shard's files, commit record excluded
     checksum: str  # sha256 over the array checksums in CHECKSUM_ORDER
     array_checksums: dict[str, str]
+    store_id: str  # the store this shard was written for (StoreMetadata.store_id)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -137,37 +143,60 @@ def _write_array(group: zarr.Group, name: str, data: np.ndarray) -> None:
     array[...] = data
 
 
-def read_commit_record(location: Location, name: str) -> ShardRecord | None:
-    path = location.path(SHARDS_DIR, name, COMMIT_FILE)
+def parse_commit_record(data: bytes, directory: str, store_id: str | None) -> ShardRecord | str:
+    """The commit record found in `shards/<directory>/`, or why it does not commit that shard to this store."""
     try:
-        return ShardRecord.from_json(location.read_json(path))
+        record = ShardRecord.from_json(json.loads(data))
+    except (ValueError, TypeError) as exc:  # truncated or garbled JSON, missing or unknown keys
+        return f"unreadable {COMMIT_FILE} ({type(exc).__name__}: {exc})"
+    if record.name != directory or record.name != shard_name(record.shard_id):
+        return f"{COMMIT_FILE} names shard {record.shard_id} ({record.name!r})"
+    if record.store_id != store_id:
+        return (f"written for another store (store_id {record.store_id}, this store is {store_id}): the store "
+                "was re-created while a writer of the old one still ran")
+    return record
+
+
+def read_commit_record(location: Location, name: str, store_id: str | None) -> ShardRecord | None:
+    """The record committing shard `name` to this store, or None (absent, damaged, or of another store)."""
+    try:
+        data = location.fs.cat_file(location.path(SHARDS_DIR, name, COMMIT_FILE))
     except FileNotFoundError:
         return None
+    record = parse_commit_record(data, name, store_id)
+    return record if isinstance(record, ShardRecord) else None
 
 
-def scan_commit_records(location: Location) -> list[ShardRecord]:
-    """Commit records of every committed shard, by shard id: the source of truth for what the store holds."""
+@dataclass(frozen=True)
+class ShardScan:
+    """What `shards/` holds for one store: the source of truth for which shards are committed."""
+
+    records: list[ShardRecord]  # the committed shards, by shard id
+    ignored: dict[str, str]  # shard name -> why its commit record does not count (damaged, another store)
+
+
+def scan_shards(location: Location, store_id: str | None) -> ShardScan:
+    """Read every commit record under shards/; the usable ones commit their shard, the rest are ignored."""
     # One listing plus one batched read, not a request per shard (matters on object stores).
     found = location.glob(location.path(SHARDS_DIR, "shard-*", COMMIT_FILE))
     paths = sorted(p for p in found if parse_shard_name(p.rstrip("/").split("/")[-2]) is not None)
-    records = []
+    records, ignored = [], {}
     for path, data in location.read_many(paths).items():
-        record = ShardRecord.from_json(json.loads(data))
         directory = path.rstrip("/").split("/")[-2]
-        if record.name != directory or record.name != shard_name(record.shard_id):
-            raise ValueError(f"{path}: commit record names shard {record.shard_id} ({record.name!r})")
-        records.append(record)
-    return sorted(records, key=lambda r: r.shard_id)
+        record = parse_commit_record(data, directory, store_id)
+        if isinstance(record, ShardRecord):
+            records.append(record)
+        else:
+            ignored[directory] = record
+    return ShardScan(sorted(records, key=lambda r: r.shard_id), dict(sorted(ignored.items())))
 
 
-def partial_shard_names(location: Location) -> list[str]:
-    """Entries under shards/ that are not committed shards: leftovers of killed writers."""
+def partial_shard_names(location: Location, scan: ShardScan) -> list[str]:
+    """Entries under shards/ with no commit record at all: leftovers of killed writers."""
     names = location.list_names(location.path(SHARDS_DIR))
-    committed = {shard_name(r.shard_id) for r in scan_commit_records(location)}
+    known = {r.name for r in scan.records} | set(scan.ignored)
     return [
-        n
-        for n in names
-        if n not in committed and (n.startswith(TMP_PREFIX) or parse_shard_name(n) is not None)
+        n for n in names if n not in known and (n.startswith(TMP_PREFIX) or parse_shard_name(n) is not None)
     ]
 
 
@@ -181,24 +210,29 @@ def _remove_leftovers(location: Location, name: str) -> None:
 
 
 def write_shard(
-    location: Location, metadata: StoreMetadata, shard_id: int, samples: Sequence[Mapping[str, Any]]
+    location: Location,
+    metadata: StoreMetadata,
+    shard_id: int,
+    samples: Sequence[Mapping[str, Any]],
+    check_writer: Callable[[], None] = lambda: None,
 ) -> ShardRecord:
     """Validate, write and commit one shard (see the module docstring for the protocol).
 
     If the shard is already committed it is left alone and its record returned, so a retried task
     (e.g. a Ray task re-run after its worker died) is harmless. Exactly one writer may write a
-    given shard id at a time.
+    given shard id at a time. `check_writer` raises when this writer must no longer touch the store.
     """
     if not isinstance(shard_id, (int, np.integer)) or shard_id < 0:
         raise ValueError(f"shard_id must be a non-negative integer, got {shard_id!r}")
     shard_id = int(shard_id)
     name = shard_name(shard_id)
-    existing = read_commit_record(location, name)
+    existing = read_commit_record(location, name, metadata.store_id)
     if existing is not None:
         log.info("shard %s already committed; skipping", name)
         return existing
     sample_ids, offsets, token_arrays = normalize_samples(samples, metadata, shard_id)
-    _remove_leftovers(location, name)
+    check_writer()
+    _remove_leftovers(location, name)  # incl. a shard whose commit record is damaged or of another store
     final = location.path(SHARDS_DIR, name)
     target = (
         location.path(SHARDS_DIR, f"{TMP_PREFIX}{name}-{uuid.uuid4().hex}") if location.is_local else final
@@ -228,7 +262,9 @@ def write_shard(
         nbytes=location.nbytes(target),
         checksum=shard_checksum(checksums),
         array_checksums=checksums,
+        store_id=metadata.store_id,
     )
+    check_writer()
     location.write_json(f"{target}/{COMMIT_FILE}", record.to_json())
     if location.is_local:
         _publish_local(target, final, record)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import uuid
 from typing import Any
 
 import fsspec
@@ -63,6 +64,35 @@ class Location:
 
     def write_json(self, path: str, value: Any) -> None:
         self.write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        """Write a small file only if none exists at `path`; False if one does. Readers never see it half written.
+
+        Local: a hard link of a complete temporary file, atomic. fsspec: the filesystem's write-if-absent
+        (atomic where the backend supports it, e.g. a conditional PUT), then a read back, so that a backend
+        that only checks for existence before writing still tells the loser of a close race that it lost.
+        """
+        if not self.is_local:
+            try:
+                self.fs.pipe_file(path, data, mode="create")
+            except FileExistsError:
+                return False
+            return self.fs.cat_file(path) == data
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            os.remove(tmp)
+        fsync_dir(directory)
+        return True
 
     def list_names(self, path: str) -> list[str]:
         """Base names of the entries directly under `path`; empty when it does not exist."""

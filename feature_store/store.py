@@ -2,14 +2,17 @@
 
 Store layout (at a local path or any fsspec URL):
 
-    store.json          StoreMetadata (schema version, target fingerprint, tokenizer, sizes, dtypes, config)
+    store.json          StoreMetadata (schema version, store_id, target fingerprint, tokenizer, sizes, dtypes,
+                        config)
     manifest.parquet    one row per committed shard (see MANIFEST_SCHEMA); derived, rebuildable
     shards/shard-00000/ one Zarr v3 group per shard, committed atomically (see feature_store.shard)
+    WRITER.lock         while a job writes the store (see feature_store.lock)
 
 The per-shard commit records are the source of truth: opening a store scans them, and
 `commit_manifest()` rebuilds `manifest.parquet` from them, so a killed writer can never leave a
 manifest that lists a shard that is not fully written. The manifest is for people and tools
-(pandas, DuckDB, `python -m feature_store.inspect`) and for `verify()` to notice shards that vanished.
+(pandas, DuckDB, `python -m feature_store.inspect`) and for `verify()` to notice shards that vanished;
+a damaged one is rebuilt from the commit records when read.
 
 Samples are numbered globally in shard-id order, then in their order inside the shard. The view of
 which shards exist is taken when the store is opened (and refreshed by `commit_manifest()`).
@@ -17,8 +20,11 @@ which shards exist is taken when the store is opened (and refreshed by `commit_m
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
+import logging
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,19 +35,23 @@ import pyarrow.parquet as pq
 import zarr
 from tqdm.auto import tqdm
 
+from feature_store.lock import LOCK_FILE, ensure_owner
 from feature_store.schema import StoreMetadata, StoreMismatchError, decode_hidden
 from feature_store.shard import (
     CHECKSUM_ORDER,
     SHARDS_DIR,
     ShardRecord,
+    ShardScan,
     array_checksum,
     partial_shard_names,
     sample_ids_checksum,
-    scan_commit_records,
+    scan_shards,
     shard_checksum,
     write_shard,
 )
 from feature_store.storage import Location
+
+log = logging.getLogger(__name__)
 
 METADATA_FILE = "store.json"
 MANIFEST_FILE = "manifest.parquet"
@@ -60,21 +70,24 @@ MANIFEST_SCHEMA = pa.schema(
 
 @dataclass
 class VerifyReport:
-    """Outcome of `FeatureStore.verify()`; `ok` is False when any shard is corrupt or missing."""
+    """Outcome of `FeatureStore.verify()`; `ok` is False when any shard is corrupt, ignored or missing."""
 
     checked: list[str] = field(default_factory=list)  # committed shards whose data was re-read
     corrupt: dict[str, str] = field(default_factory=dict)  # shard name -> what is wrong
+    ignored: dict[str, str] = field(default_factory=dict)  # shard name -> why its commit record does not count
     missing: list[str] = field(default_factory=list)  # listed in manifest.parquet, no longer committed
     unlisted: list[str] = field(default_factory=list)  # committed, absent from manifest.parquet
     partial: list[str] = field(default_factory=list)  # uncommitted leftovers of killed writers (harmless)
 
     @property
     def ok(self) -> bool:
-        return not self.corrupt and not self.missing
+        return not self.corrupt and not self.ignored and not self.missing
 
     def __str__(self) -> str:
         lines = [f"verified {len(self.checked)} shard(s): {'OK' if self.ok else 'FAILED'}"]
         lines += [f"  corrupt {name}: {reason}" for name, reason in sorted(self.corrupt.items())]
+        lines += [f"  not committed {name}: {reason}; the next extraction run rewrites it"
+                  for name, reason in self.ignored.items()]
         lines += [f"  missing {name} (listed in {MANIFEST_FILE})" for name in self.missing]
         if self.unlisted:
             lines.append(
@@ -89,12 +102,18 @@ class FeatureStore:
     """A feature store at a URL. Build with `FeatureStore.create` or `FeatureStore.open`.
 
     Picklable and cheap to ship to Ray or DataLoader workers: open Zarr handles are not pickled.
+    `writer_owner` is the owner id of the `WriterLock` a job writes under (set by the job, None
+    otherwise); each `write_shard` then checks that the lock still names it.
     """
 
     def __init__(self, location: Location, metadata: StoreMetadata):
         self.location = location
         self.metadata = metadata
-        self._set_shards(scan_commit_records(location))
+        self.writer_owner: str | None = None
+        self._set_view(self._scan())
+        for name, reason in self.ignored.items():
+            log.warning("feature store %s: %s is not committed: %s; an extraction run writes it again",
+                        location.url, name, reason)
 
     @classmethod
     def create(
@@ -119,6 +138,7 @@ class FeatureStore:
                     + "\nwrite to a new store URL, or delete this store to re-extract"
                 )
             return cls(location, existing)
+        metadata = dataclasses.replace(metadata, store_id=uuid.uuid4().hex)  # a re-created store is another store
         location.makedirs(location.path(SHARDS_DIR))
         location.write_json(location.path(METADATA_FILE), metadata.to_dict())
         return cls(location, metadata)
@@ -155,9 +175,12 @@ class FeatureStore:
 
     # --- writing -------------------------------------------------------------------------------
 
+    def _scan(self) -> ShardScan:
+        return scan_shards(self.location, self.metadata.store_id)
+
     def committed_shards(self) -> set[int]:
         """Ids of the shards committed right now (re-scanned on every call): the extraction job skips these."""
-        return {record.shard_id for record in scan_commit_records(self.location)}
+        return {record.shard_id for record in self._scan().records}
 
     def write_shard(self, shard_id: int, samples: Sequence[Mapping[str, Any]]) -> ShardRecord:
         """Validate and atomically write one shard; see `feature_store.shard.write_shard`.
@@ -167,36 +190,70 @@ class FeatureStore:
         as numpy arrays or torch tensors of any int/float dtype. Safe to call from a Ray worker.
         Does not change this object's read view; reopen the store or call `commit_manifest()`.
         """
-        return write_shard(self.location, self.metadata, shard_id, samples)
+        return write_shard(self.location, self.metadata, shard_id, samples,
+                           check_writer=lambda: self.check_writer(f"write shard {shard_id}"))
+
+    def check_writer(self, action: str) -> None:
+        """Raise unless this handle may still `action`: its store was not re-created, its job holds the lock."""
+        try:
+            current = self.location.read_json(self.location.path(METADATA_FILE)).get("store_id")
+        except FileNotFoundError:
+            current = None
+        if current != self.metadata.store_id:
+            raise StoreMismatchError(
+                f"feature store at {self.url} was deleted or re-created (store_id {self.metadata.store_id} -> "
+                f"{current}) while this writer ran, so it does not {action}: the new store is another job's"
+            )
+        if self.writer_owner is not None:
+            ensure_owner(self.location, self.writer_owner, action)
 
     def commit_manifest(self) -> list[ShardRecord]:
         """Rebuild `manifest.parquet` from the commit records, refresh the read view, return the records."""
-        records = scan_commit_records(self.location)
+        scan = self._scan()
+        self._write_manifest(scan.records)
+        self._set_view(scan)
+        return scan.records
+
+    def _write_manifest(self, records: Sequence[ShardRecord]) -> pa.Table:
         rows = [{name: getattr(r, name) for name in MANIFEST_SCHEMA.names} for r in records]
         table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
         self.location.write_bytes(self.location.path(MANIFEST_FILE), buffer.getvalue())
-        self._set_shards(records)
-        return records
+        return table
 
     def read_manifest(self) -> pa.Table | None:
-        """The last manifest written by `commit_manifest()`, or None if there is none yet."""
+        """The last manifest written by `commit_manifest()`, or None if there is none yet.
+
+        A damaged manifest (truncated, overwritten) is rebuilt from the commit records, with a warning:
+        it holds nothing they do not, except which shards vanished since, which is lost with it.
+        """
+        path = self.location.path(MANIFEST_FILE)
         try:
-            return pq.read_table(io.BytesIO(self.location.fs.cat_file(self.location.path(MANIFEST_FILE))))
+            return pq.read_table(io.BytesIO(self.location.fs.cat_file(path)))
         except FileNotFoundError:
             return None
+        except pa.ArrowException as exc:
+            log.warning("feature store %s: %s is unreadable (%s); rebuilding it from the shard commit records",
+                        self.url, MANIFEST_FILE, exc)
+            return self._write_manifest(self._scan().records)
 
     def remove_partial_shards(self) -> list[str]:
-        """Delete leftovers of killed writers. Call only while no writer is running; returns the names."""
-        names = partial_shard_names(self.location)
+        """Delete leftovers of killed writers and shards that are not committed (`ignored`); returns the names.
+
+        Call only while no writer is running.
+        """
+        scan = self._scan()
+        names = sorted([*partial_shard_names(self.location, scan), *scan.ignored])
         for name in names:
             self.location.remove(self.location.path(SHARDS_DIR, name))
         return names
 
     # --- reading -------------------------------------------------------------------------------
 
-    def _set_shards(self, records: Sequence[ShardRecord]) -> None:
+    def _set_view(self, scan: ShardScan) -> None:
+        records = scan.records
+        self.ignored = scan.ignored  # shard name -> why it is not committed (see ShardScan)
         self._shards = tuple(records)
         self._sample_starts = np.cumsum([0] + [r.n_samples for r in records])  # [n_shards + 1]
         self._arrays: dict[int, dict[str, zarr.Array]] = {}
@@ -289,16 +346,34 @@ class FeatureStore:
         """Id of every sample, by global index."""
         return [sid for pos in range(len(self._shards)) for sid in self._shard_sample_ids(pos)]
 
+    def prompt_digests(self) -> list[bytes]:
+        """sha256 of every sample's prompt tokens (those before its first loss token), by global index.
+
+        A sample with no prompt (loss from its first token) is digested whole instead, so that such
+        samples are not all alike.
+        """
+        digests = []
+        for pos in range(len(self._shards)):
+            input_ids = self._shard_arrays(pos)["input_ids"][...]
+            offsets, firsts = self._shard_offsets(pos), self._shard_first_loss(pos)
+            for begin, end, first in zip(offsets[:-1], offsets[1:], firsts, strict=True):
+                prompt = input_ids[begin : begin + first] if first else input_ids[begin:end]
+                digests.append(hashlib.sha256(prompt.astype("<i4").tobytes()).digest())
+        return digests
+
     def split(self, eval_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Deterministic (train_indices, eval_indices) of global sample indices.
 
-        A sample goes to eval when sha256(seed, sample_id) mapped to [0, 1) is below eval_fraction,
-        so its side never changes when shards are added or reordered; the eval share is eval_fraction
-        in expectation, not exactly.
+        A sample goes to eval when sha256(seed, its prompt digest) mapped to [0, 1) is below eval_fraction.
+        The prompt, not the id: the same conversation stored under two ids, or the same prompt with another
+        (re)generated reply, would otherwise land on both sides and leak eval prompts into training. The
+        side never changes when shards are added or reordered; the eval share is eval_fraction in
+        expectation, not exactly (samples sharing a prompt go together).
         """
         if not 0.0 <= eval_fraction <= 1.0:
             raise ValueError(f"eval_fraction must be in [0, 1], got {eval_fraction}")
-        is_eval = np.array([_unit_hash(seed, sid) < eval_fraction for sid in self.sample_ids()], dtype=bool)
+        digests = self.prompt_digests()
+        is_eval = np.array([_unit_hash(seed, digest) < eval_fraction for digest in digests], dtype=bool)
         return np.flatnonzero(~is_eval), np.flatnonzero(is_eval)
 
     def token_counts(self, indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
@@ -324,10 +399,11 @@ class FeatureStore:
 
     def verify(self) -> VerifyReport:
         """Re-read every committed shard, recompute its checksums, and compare with records and manifest."""
-        records = scan_commit_records(self.location)
+        scan = self._scan()
+        records = scan.records
         manifest = self.read_manifest()
         listed = {row["name"]: row for row in manifest.to_pylist()} if manifest is not None else {}
-        report = VerifyReport(partial=partial_shard_names(self.location))
+        report = VerifyReport(ignored=scan.ignored, partial=partial_shard_names(self.location, scan))
         for record in tqdm(records, desc="verify", unit="shard"):
             report.checked.append(record.name)
             problem = self._check_shard(record)
@@ -340,7 +416,7 @@ class FeatureStore:
             if problem is not None:
                 report.corrupt[record.name] = problem
         committed = {r.name for r in records}
-        report.missing = sorted(set(listed) - committed)
+        report.missing = sorted(set(listed) - committed - set(scan.ignored))
         report.unlisted = sorted(committed - set(listed))
         return report
 
@@ -355,9 +431,7 @@ class FeatureStore:
                 rows = array.chunks[0] * 16  # stream: a shard's hidden states may not fit in memory
                 blocks = (array[i : i + rows] for i in range(0, array.shape[0], rows))
                 computed[name] = array_checksum(name, np.dtype(array.dtype), array.shape, blocks)
-        except (
-            Exception
-        ) as exc:  # damaged data can fail in many ways (crc, codec, missing key); all mean corrupt
+        except Exception as exc:  # damaged data fails in many ways (crc, codec, missing key); all mean corrupt
             return f"unreadable: {type(exc).__name__}: {exc}"
         bad = [name for name in CHECKSUM_ORDER if computed.get(name) != record.array_checksums.get(name)]
         if bad:
@@ -375,6 +449,13 @@ def _read_metadata(location: Location) -> StoreMetadata:
     return StoreMetadata.from_dict(values, where=f"feature store at {location.url}")
 
 
-def _unit_hash(seed: int, sample_id: str) -> float:
-    digest = hashlib.sha256(f"{seed}\0{sample_id}".encode()).digest()
+def remove_store_files(location: Location) -> None:
+    """Delete a whole store but its writer lock: the job deleting it (`--fresh`) keeps the store to itself."""
+    for name in location.list_names(location.root):
+        if name != LOCK_FILE:
+            location.remove(location.path(name))
+
+
+def _unit_hash(seed: int, key: bytes) -> float:
+    digest = hashlib.sha256(f"{seed}\0".encode() + key).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64

@@ -86,9 +86,15 @@ def write_missing_shards(url: str, n_shards: int, max_tokens: int = 200) -> Feat
 
 
 def shard_files(root: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(root)): p.read_bytes() for p in sorted((root / "shards").rglob("*")) if p.is_file()
-    }
+    """Every file under shards/, commit records without the store_id (each store has its own)."""
+    files = {}
+    for p in sorted((root / "shards").rglob("*")):
+        if p.is_file():
+            data = p.read_bytes()
+            if p.name == "COMMITTED.json":
+                data = json.dumps({k: v for k, v in json.loads(data).items() if k != "store_id"}).encode()
+            files[str(p.relative_to(root))] = data
+    return files
 
 
 def checksums(store: FeatureStore) -> dict[str, str]:
@@ -230,7 +236,8 @@ def test_manifest_and_metadata_content(tmp_path):
     assert store.read_manifest() is None
     assert store.commit_manifest() == records
 
-    assert json.loads((tmp_path / "store.json").read_text()) == metadata.to_dict()
+    assert json.loads((tmp_path / "store.json").read_text()) == store.metadata.to_dict()
+    assert store.metadata == metadata and len(store.metadata.store_id) == 32  # the id given at create
     rows = pq.read_table(tmp_path / "manifest.parquet").to_pylist()
     assert [r["name"] for r in rows] == ["shard-00000", "shard-00001", "shard-00002"]
     for row, record, samples in zip(rows, records, written.values(), strict=True):
@@ -244,6 +251,7 @@ def test_manifest_and_metadata_content(tmp_path):
         assert row["nbytes"] == stored
         assert row["checksum"] == record.checksum
         assert json.loads((shard_dir / "COMMITTED.json").read_text()) == record.to_json()
+        assert record.store_id == store.metadata.store_id
     assert store.num_samples == 2 + 3 + 4  # commit_manifest refreshed the read view
 
 
@@ -348,7 +356,10 @@ def test_mismatched_fingerprint_or_schema_is_refused(tmp_path):
 
     stored = json.loads((tmp_path / "store.json").read_text())
     (tmp_path / "store.json").write_text(json.dumps(stored | {"schema_version": 99}))
-    with pytest.raises(StoreMismatchError, match=r"schema_version 99.*schema_version 1"):
+    with pytest.raises(StoreMismatchError, match=r"schema_version 99.*schema_version 2"):
+        FeatureStore.open(url)
+    (tmp_path / "store.json").write_text(json.dumps(stored | {"schema_version": 1}))
+    with pytest.raises(StoreMismatchError, match=r"schema_version 1.*no store_id.*--fresh"):
         FeatureStore.open(url)
     with pytest.raises(FileNotFoundError, match="no feature store"):
         FeatureStore.open(str(tmp_path / "elsewhere"))
