@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import uuid
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple, TypedDict
@@ -34,6 +35,8 @@ FORMATS = ("auto", "sharegpt", "openai")
 
 REJECT_REASONS = {
     "invalid_json": "line or file is not valid JSON",
+    "too_nested": "JSON nested deeper than the parser can recurse",
+    "truncated_file": "compressed file is cut short or damaged; its rows after that point are lost",
     "bad_schema": "row is not an object with a 'messages' or 'conversations' list",
     "empty_conversation": "conversation has no messages",
     "missing_role": "a message has no role",
@@ -269,9 +272,30 @@ def _jsonl_rows(lines: Iterable[bytes]) -> Iterator[tuple[dict[str, int], Any, A
             yield {"line": number}, json.loads(text), text
         except json.JSONDecodeError as exc:
             yield {"line": number}, Rejected("invalid_json", str(exc)), text
+        except RecursionError as exc:
+            yield {"line": number}, Rejected("too_nested", str(exc)), text
+
+
+def _intact_lines(stream: BinaryIO, damage: list[tuple[int, str]]) -> Iterator[bytes]:
+    """The lines of a (gzip) stream up to where it is cut or damaged; appends (lines read, error) to `damage`."""
+    count = 0
+    try:
+        for line in stream:
+            count += 1
+            yield line
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:  # gzip cut short, or its bytes damaged
+        damage.append((count, f"{type(exc).__name__}: {exc}"))
 
 
 def _file_rows(path: Path) -> Iterator[tuple[dict[str, int], Any, Any]]:
+    """(location, parsed row or Rejected, raw) per row; a damaged gzip file gives its intact rows, then a reject."""
+    damage: list[tuple[int, str]] = []
+    yield from _intact_rows(path, damage)
+    for lines_read, error in damage:
+        yield {"line": lines_read + 1}, Rejected("truncated_file", error), ""
+
+
+def _intact_rows(path: Path, damage: list[tuple[int, str]]) -> Iterator[tuple[dict[str, int], Any, Any]]:
     container = _container(path)
     if container == "parquet":
         try:
@@ -287,17 +311,19 @@ def _file_rows(path: Path) -> Iterator[tuple[dict[str, int], Any, Any]]:
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     with opener(path, "rb") as stream:
         if container == "jsonl":
-            yield from _jsonl_rows(stream)
+            yield from _jsonl_rows(_intact_lines(stream, damage))
             return
-        data = stream.read()
+        data = b"".join(_intact_lines(stream, damage))
     # A .json file is either one JSON array or JSON lines under the wrong suffix.
     if not data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
         yield from _jsonl_rows(data.splitlines())
         return
+    if damage:
+        return  # the rows of a cut JSON array cannot be told apart; the damage is reported for the file
     try:
         rows = json.loads(data.decode("utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: not a valid JSON array ({exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise DataError(f"{path}: not a valid JSON array ({type(exc).__name__}: {exc})") from None
     for index, row in enumerate(rows):
         yield {"index": index}, row, row
 
@@ -328,7 +354,7 @@ def read_conversations(
                 if isinstance(row, Rejected)
                 else normalize_record(
                     row,
-                    default_id=f"{stem}-{location}",
+                    default_id=default_id(path, location),
                     default_source=stem,
                     format=format,
                     require_reply=require_reply,
@@ -342,6 +368,16 @@ def read_conversations(
                 continue
             seen_ids.add(record["id"])
             yield record
+
+
+def default_id(path: Path, location: int) -> str:
+    """The id of a row without one: file stem, a hash of the path as the inputs name it, row index or line.
+
+    Unique per file (not per stem, nor per path inside one input folder: two inputs may each hold a
+    `train.jsonl`) and the same on every run over the same inputs, which resuming an extraction relies on.
+    """
+    path_hash = hashlib.sha256(path.as_posix().encode()).hexdigest()[:8]
+    return f"{path.name.split('.')[0]}-{path_hash}-{location}"
 
 
 @contextlib.contextmanager

@@ -68,14 +68,13 @@ def test_sharegpt_json_array_and_jsonl_round_trip(tmp_path):
 
     records, rejects = read_all(tmp_path / "array.json")
     assert rejects.counts == {}
-    assert records == [
-        {"id": "a", "messages": CONVERSATION, "source": "array"},
-        {"id": "array-1", "messages": CONVERSATION[1:3], "source": "array"},
-    ]
+    assert records[0] == {"id": "a", "messages": CONVERSATION, "source": "array"}
+    assert records[1] == {"id": records[1]["id"], "messages": CONVERSATION[1:3], "source": "array"}
+    assert re.fullmatch(r"array-[0-9a-f]{8}-1", records[1]["id"])  # stem, a hash of the path, the index
     records, rejects = read_all(tmp_path / "lines.jsonl", format="sharegpt")
     assert rejects.counts == {}
     assert [r["messages"] for r in records] == [CONVERSATION, CONVERSATION[1:3]]
-    assert [r["id"] for r in records] == ["a", "lines-2"]  # JSONL rows are located by 1-based line
+    assert records[0]["id"] == "a" and re.fullmatch(r"lines-[0-9a-f]{8}-2", records[1]["id"])  # 1-based line
 
 
 def test_openai_jsonl_round_trip_with_text_parts_and_gzip(tmp_path):
@@ -126,6 +125,24 @@ def test_directory_and_glob_read_every_file_and_reject_duplicate_ids(tmp_path):
         read_all(tmp_path / "broken.json")
 
 
+def test_default_ids_are_unique_per_file_path_and_stable(tmp_path):
+    """Rows without ids in files of the same stem (other folders, other suffixes) must not collide."""
+    for relative in ("a/train.jsonl", "b/train.jsonl", "b/train.json"):
+        (tmp_path / relative).parent.mkdir(exist_ok=True)
+        (tmp_path / relative).write_text(json.dumps({"messages": CONVERSATION}) + "\n")
+    records, rejects = read_all(tmp_path)
+    assert rejects.counts == {} and len(records) == 3
+    assert len({r["id"] for r in records}) == 3 and all(r["source"] == "train" for r in records)
+    assert [r["id"] for r in read_all(tmp_path)[0]] == [r["id"] for r in records]  # a re-run resumes by id
+
+    from pipelines.extract import ExtractConfig, read_records  # two inputs, each a file of the same name
+
+    cfg = ExtractConfig(inputs=[str(tmp_path / "a/train.jsonl"), str(tmp_path / "b/train.jsonl")],
+                        store=str(tmp_path / "store"))
+    rejects = RejectCounter()
+    assert len(read_records(cfg, rejects)) == 2 and rejects.counts == {}
+
+
 def user_then(*messages):
     return {"messages": [{"role": "user", "content": "Hello"}, *messages]}
 
@@ -144,6 +161,7 @@ BAD_LINES = {
     "no_assistant_turn": json.dumps({"messages": [CONVERSATION[1]]}).encode(),
     "over_long": json.dumps(user_then({"role": "assistant", "content": "x" * 500})).encode(),
     "duplicate_id": json.dumps({"id": "good-1", "messages": CONVERSATION}).encode(),
+    "too_nested": b"[" * 50_000 + b"]" * 50_000,  # valid JSON, but deeper than the parser can recurse
 }
 # More ways to be bad_text: bytes that are not UTF-8, and a lone surrogate escape.
 MORE_BAD_TEXT = [
@@ -184,6 +202,23 @@ def test_every_reject_reason_is_counted_and_logged(tmp_path):
     for reason in expected:
         assert reason in table
     assert str(rejects.rejected) in table
+
+
+def test_a_truncated_gzip_file_keeps_the_rows_before_the_cut(tmp_path):
+    rows = [{"id": f"row-{i}", "messages": CONVERSATION, "padding": f"{i:08d}" * 200} for i in range(200)]
+    whole = gzip.compress(b"".join(json.dumps(row).encode() + b"\n" for row in rows))
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "good.jsonl").write_text(json.dumps({"id": "after", "messages": CONVERSATION}) + "\n")
+
+    rejects = RejectCounter(tmp_path / "rejects.jsonl")
+    records = list(read_conversations(tmp_path, rejects=rejects))
+    assert 0 < len(records) - 1 < len(rows) and records[-1]["id"] == "after"  # later files still read
+    assert [r["id"] for r in records[:-1]] == [f"row-{i}" for i in range(len(records) - 1)]
+    assert rejects.counts.get("truncated_file") == 1 and set(rejects.counts) <= {"truncated_file", "invalid_json"}
+    logged = [json.loads(line) for line in (tmp_path / "rejects.jsonl").read_text().splitlines()]
+    cut = next(entry for entry in logged if entry["reason"] == "truncated_file")
+    assert cut["source_file"] == str(tmp_path / "cut.jsonl.gz") and "ended" in cut["detail"]
+    assert "truncated_file" in rejects.table()
 
 
 def test_reject_counter_merges_worker_counts_and_pickles():
