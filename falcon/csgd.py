@@ -7,17 +7,14 @@ and predicts f_{q+k}; the teacher there is lm_head(f_{q+k}) and the hard label x
 iff q+k+1 <= T-1 and m_{q+k+1} = 1. Blocks are [ck, ck+k) from the window start, as the relaxed-causal mask.
 
 One step (the official training loop, per row for any batch):
-1. no-grad first pass on the noised teacher-forced inputs; the Hamming distance d of a row is the number of
-   its loss positions whose argmax differs from the teacher's;
-2. N = floor(λ·d) positions are glanced, λ falling with training progress (see glance_ratio): runs that start
-   at a loss position at a block start and never cover a block's last position (glance_positions);
-3. the second pass reads the SAME noised teacher-forced inputs, except that a glanced position q reads its
-   answer, feature f_{q+k} and token x_{q+k+1} together; later positions of its block then see the truth of
-   the earlier ones (the drafter never reads its own outputs here);
+1. no-grad first pass on the noised teacher-forced inputs; a row's Hamming distance d counts its loss
+   positions whose argmax differs from the teacher's;
+2. N = floor(λ·d) positions are glanced (glance_ratio, glance_positions): runs from block starts;
+3. the second pass reads the SAME inputs, except that a glanced position q reads its answer, feature f_{q+k}
+   and token x_{q+k+1} together, so later positions of its block see the truth of the earlier ones;
 4. the loss L = SmoothL1(f̂, f) + ω·(α·KL(teacher ‖ drafter) + (1-α)·CE(x)) is taken on the second pass.
-`glancing=False` is the plain teacher-forced step (the "CSGD off" ablation). Optionally (pass1_weight > 0) a
-predicted-block loss is added: each block reads the drafter's own outputs for the previous one, as decoding's
-later passes do (falcon.passes; EAGLE-3's training-time test, not part of CSGD).
+`glancing=False` is the plain teacher-forced step (the "CSGD off" ablation). pass1_weight > 0 adds the loss of
+falcon.passes' pass 1 (each block reads the drafter's own outputs for the previous one; not part of CSGD).
 
 The teacher at position q is the target's distribution for x_{q+k+1}: either its top-k logits at q+k as the
 feature store keeps them (exact, and no full-vocabulary matmul: that was ~27% of a demo training step on CPU),
@@ -33,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from falcon.drafter import Drafter
+from falcon.glancing import glance_positions, glanced_inputs, uniform
 from falcon.passes import TeacherForcedPass, head_argmax, predicted_block_pass, teacher_forced_pass
 
 IGNORE_INDEX = -100
@@ -40,8 +38,6 @@ NOISE_SCALINGS = ("none", "seq_len")
 TEACHERS = ("auto", "topk", "lm_head")
 # λ(p) = floor + (λ_0 - floor)·(1 - p): (default λ_0, floor). Paper 0.4·(1-p); official code 0.35·(1-p) + 0.1.
 LAMBDA_SCHEDULES = {"paper": (0.4, 0.0), "official": (0.45, 0.1)}
-# floor(λ·d) must not lose a glance to rounding (0.29·100 is 28.999999999999996 in floating point).
-COUNT_EPSILON = 1e-9
 
 
 @dataclass
@@ -68,8 +64,7 @@ class CSGDConfig:
         if self.noise_scaling not in NOISE_SCALINGS:
             raise ValueError(f"noise_scaling must be one of {NOISE_SCALINGS}, got {self.noise_scaling!r}")
         if self.lambda_schedule not in LAMBDA_SCHEDULES:
-            raise ValueError(f"lambda_schedule must be one of {tuple(LAMBDA_SCHEDULES)}, "
-                             f"got {self.lambda_schedule!r}")
+            raise ValueError(f"lambda_schedule must be one of {tuple(LAMBDA_SCHEDULES)}, got {self.lambda_schedule!r}")
         floor = LAMBDA_SCHEDULES[self.lambda_schedule][1]
         if self.lambda_max is not None and self.lambda_max < floor:
             raise ValueError(f"lambda_max {self.lambda_max} is below the {self.lambda_schedule} schedule's final "
@@ -124,19 +119,13 @@ def align_targets(hidden_states: torch.Tensor, input_ids: torch.Tensor, loss_mas
 
 
 # -- augmentation and schedule -------------------------------------------------------------------------------
-def _uniform(shape, generator: torch.Generator | None, device) -> torch.Tensor:
-    """U[0, 1) float32 on `device`, drawn on the generator's device so a CPU generator serves any device."""
-    source = generator.device if generator is not None else device
-    return torch.rand(shape, generator=generator, device=source, dtype=torch.float32).to(device)
-
-
 def add_uniform_noise(features: torch.Tensor, config: CSGDConfig,
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """features (B, S, h) + U(-a, a); with "seq_len" scaling a = noise_bound·reference_length/S."""
     bound = config.noise_bound
     if config.noise_scaling == "seq_len":
         bound = bound * config.noise_reference_length / features.shape[-2]
-    noise = (_uniform(features.shape, generator, features.device) * 2 - 1) * bound
+    noise = (uniform(features.shape, generator, features.device) * 2 - 1) * bound
     return features + noise.to(features.dtype)
 
 
@@ -147,50 +136,6 @@ def glance_ratio(progress: float, config: CSGDConfig) -> float:
     default_start, floor = LAMBDA_SCHEDULES[config.lambda_schedule]
     start = default_start if config.lambda_max is None else config.lambda_max
     return floor + (start - floor) * (1.0 - progress)
-
-
-# -- glancing ------------------------------------------------------------------------------------------------
-def glance_runs_wanted(hamming: torch.Tensor, ratio: float, block_size: int) -> torch.Tensor:
-    """Runs to glance per row (B,) from its Hamming distance d (B,): N = floor(λ·d) single positions for
-    k = 2, N // k runs of 1..k-1 positions for k > 2 (the paper's Fig. 3 and the official code)."""
-    if ratio < 0:
-        raise ValueError(f"glance ratio must be >= 0, got {ratio}")
-    count = torch.floor(hamming.double() * ratio + COUNT_EPSILON).long()
-    return count if block_size == 2 else count // block_size
-
-
-def glance_positions(hamming: torch.Tensor, position_mask: torch.Tensor, block_size: int, ratio: float,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-    """Which second-pass positions read their answer: (B, S) bool.
-
-    A candidate is a block start [ck] that is a loss position. Per row, glance_runs_wanted candidates are drawn
-    uniformly (all of them if there are fewer); each covers a run of r positions from its block start, r = 1
-    for k = 2, uniform in 1..k-1 for k > 2, cut at the first position without loss. A block's last position is
-    never glanced, so every block keeps something to predict (nothing can be glanced for k = 1).
-    """
-    k, (batch, length) = block_size, position_mask.shape
-    num_blocks = -(-length // k)
-    blocks = F.pad(position_mask, (0, num_blocks * k - length)).view(batch, num_blocks, k)
-    reachable = blocks.long().cumprod(-1).bool()  # loss positions contiguous from the block start
-    reachable[..., k - 1] = False
-    candidates = reachable[..., 0]  # (B, num_blocks)
-    wanted = glance_runs_wanted(hamming, ratio, k)  # (B,)
-    # A random order per row with non-candidates last; a start is chosen if its rank is below the row's quota.
-    scores = _uniform(candidates.shape, generator, position_mask.device).masked_fill(~candidates, -1.0)
-    ranks = scores.argsort(dim=-1, descending=True).argsort(dim=-1)
-    chosen = candidates & (ranks < wanted[:, None])
-    run_lengths = 1 + (_uniform(candidates.shape, generator, position_mask.device) * (k - 1)).long()
-    offsets = torch.arange(k, device=position_mask.device)
-    glanced = chosen[..., None] & (offsets < run_lengths[..., None]) & reachable
-    return glanced.view(batch, num_blocks * k)[:, :length]
-
-
-def glanced_inputs(features: torch.Tensor, next_ids: torch.Tensor, target_features: torch.Tensor,
-                   target_ids: torch.Tensor, glanced: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Second-pass inputs: the first pass's (features (B, S, h), next_ids (B, S)), except that glanced
-    positions (B, S) read their answer (f_{q+k}, x_{q+k+1}), feature and token together."""
-    features = torch.where(glanced[..., None], target_features.to(features.dtype), features)
-    return features, torch.where(glanced, target_ids, next_ids)
 
 
 # -- loss ----------------------------------------------------------------------------------------------------
@@ -381,14 +326,22 @@ def _pass1_metrics(drafter: Drafter, pass0: TeacherForcedPass, aligned: dict[str
     return _loss_on_masked(drafter, predicted_block_pass(drafter, pass0), *_restrict(aligned, teacher, keep), config)
 
 
+def _first_pass(drafter: Drafter, features: torch.Tensor, next_ids: torch.Tensor,
+                with_pass1: bool) -> tuple[torch.Tensor, TeacherForcedPass | None]:
+    """The teacher-forced pass's features; also what pass 1 needs when it is on (a slower, blockwise LSTM)."""
+    if not with_pass1:
+        return drafter(features, next_ids), None
+    pass0 = teacher_forced_pass(drafter, features, next_ids)
+    return pass0.features, pass0
+
+
 def _glancing_step(drafter: Drafter, aligned: dict[str, torch.Tensor], noised: torch.Tensor,
                    teacher: tuple[torch.Tensor, torch.Tensor | None], config: CSGDConfig, progress: float,
                    generator: torch.Generator | None, with_pass1: bool) -> tuple[dict, TeacherForcedPass | None]:
     """CSGD's two passes (module docstring); also pass 0 for pass 1 when asked (the first pass is it)."""
     k, mask, next_ids = drafter.config.block_size, aligned["position_mask"], aligned["next_ids"]
     with torch.no_grad():
-        pass0 = teacher_forced_pass(drafter, noised, next_ids) if with_pass1 else None
-        first_features = pass0.features if with_pass1 else drafter(noised, next_ids)
+        first_features, pass0 = _first_pass(drafter, noised, next_ids, with_pass1)
         first_ids = drafter.to_target_ids(head_argmax(drafter.logits, first_features))  # (B, S) target ids
     teacher_ids = torch.zeros_like(next_ids)
     teacher_ids[mask] = teacher_argmax(*teacher)
@@ -420,9 +373,8 @@ def csgd_step(drafter: Drafter, batch: dict[str, torch.Tensor], config: CSGDConf
     the drafter's attached head may hold only the draft-vocabulary rows, and may be untied from the embedding.
     generator: drives the noise and the glancing draw (a CPU generator works for any device).
     Returns `loss` (float32, with grad) and detached metrics: reg, dist, kl, ce, top1, acc_at (k,) = top-1
-    over positions q with q % k == j, top1_correct_at/top1_count_at (k,) to aggregate, num_positions;
-    with glancing also glance_ratio, hamming (mean first-pass d per window), num_glanced (mean per window)
-    and glanced_fraction (glanced / loss positions); with pass 1 on, pass1_loss and pass1_top1.
+    by q % k, top1_correct_at/top1_count_at (k,), num_positions; with glancing glance_ratio, hamming and
+    num_glanced (means per window), glanced_fraction (of loss positions); with pass 1 pass1_loss, pass1_top1.
     """
     aligned = _prepare(drafter, batch, lm_head_weight)
     teacher = _teacher(aligned, batch, lm_head_weight, config, drafter.config.block_size)
@@ -430,11 +382,9 @@ def csgd_step(drafter: Drafter, batch: dict[str, torch.Tensor], config: CSGDConf
     with_pass1 = config.pass1_weight > 0 and progress >= config.pass1_start
     if config.glancing:
         metrics, pass0 = _glancing_step(drafter, aligned, noised, teacher, config, progress, generator, with_pass1)
-    elif with_pass1:
-        pass0 = teacher_forced_pass(drafter, noised, aligned["next_ids"])
-        metrics = _loss_on_masked(drafter, pass0.features, aligned, teacher, config)
     else:
-        metrics = _loss_on_masked(drafter, drafter(noised, aligned["next_ids"]), aligned, teacher, config)
+        features, pass0 = _first_pass(drafter, noised, aligned["next_ids"], with_pass1)
+        metrics = _loss_on_masked(drafter, features, aligned, teacher, config)
     if with_pass1:
         pass1 = _pass1_metrics(drafter, pass0, aligned, teacher, config)
         metrics.update(loss=metrics["loss"] + config.pass1_weight * pass1["loss"],

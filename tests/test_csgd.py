@@ -1,4 +1,5 @@
-"""CSGD: alignment, glancing, second-pass inputs, noise, the loss by hand, real steps on a tiny drafter."""
+"""CSGD: alignment, glancing on hand-built batches, noise and λ, the loss by hand, real steps and pass 1 on a tiny
+drafter (checked against the decode loop)."""
 
 from __future__ import annotations
 
@@ -15,15 +16,13 @@ from falcon.csgd import (
     csgd_eval_metrics,
     csgd_loss,
     csgd_step,
-    glance_positions,
     glance_ratio,
-    glance_runs_wanted,
-    glanced_inputs,
     to_draft_ids,
     top1_by_block_offset,
 )
 from falcon.drafter import Drafter, DrafterConfig, build_draft_vocab
 from falcon.generate import DrafterState, draft_tree
+from falcon.glancing import glance_positions, glance_runs_wanted, glanced_inputs
 from falcon.passes import predicted_block_pass, teacher_forced_pass
 from falcon.tree import TreeConfig, build_tree
 
