@@ -69,8 +69,7 @@ def bare_loop_tokens_per_s(plan: TrainPlan, warmup: int, steps: int, threads: in
         step_tokens = 0.0
         for _ in range(gas):
             batch = next(loader)
-            out = csgd_step(drafter, batch, config.csgd, config.epochs * step / plan.total_steps, config.epochs,
-                            head.weight, generator)
+            out = csgd_step(drafter, batch, config.csgd, step / plan.total_steps, head.weight, generator)
             (out["loss"] / gas).backward()
             step_tokens += float(batch["attention_mask"].sum())
         if config.optimizer.grad_clip > 0:

@@ -57,7 +57,7 @@ def train_briefly(target, drafter: Drafter, sequences: list[torch.Tensor], steps
     generator = torch.Generator().manual_seed(0)
     drafter.train()
     for step in range(steps):
-        loss = sum(csgd_step(drafter, batch, config, step, steps, lm_head_weight, generator)["loss"] for batch in batches)
+        loss = sum(csgd_step(drafter, batch, config, step / steps, lm_head_weight, generator)["loss"] for batch in batches)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
