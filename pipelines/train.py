@@ -604,27 +604,30 @@ def chain_acceptance_length(acc_by_block_position: Sequence[float], depth: int) 
 
 @torch.no_grad()
 def evaluate(module: Drafter, dataset, batches, plan: TrainPlan, lm_head_weight, device) -> dict[str, float]:
-    """Held-out metrics over all workers: loss parts, top-1 by block position, tau_chain."""
+    """Held-out metrics over all workers: loss parts, top-1 by block position and by depth, tau_chain."""
     module.eval()
     k = module.config.block_size
+    depths = range(1, 2 * k + 1)  # top-1 at every depth of two drafter passes (pass 0: depths 1..k)
     sums = {"positions": 0.0, **{f"{name}_sum": 0.0 for name in ("loss", "reg", "dist", "kl", "ce")},
-            **{f"correct_{j}": 0.0 for j in range(k)}, **{f"count_{j}": 0.0 for j in range(k)}}
+            **{f"correct_{d}": 0.0 for d in depths}, **{f"count_{d}": 0.0 for d in depths}}
     for batch in batch_loader(dataset, batches, plan.config.loader_workers):
         metrics = csgd_eval_metrics(module, batch, plan.config.csgd, lm_head_weight)
         positions = float(metrics["num_positions"])
         sums["positions"] += positions
         for name in ("loss", "reg", "dist", "kl", "ce"):
             sums[f"{name}_sum"] += float(metrics[name]) * positions
-        for j in range(k):
-            sums[f"correct_{j}"] += float(metrics["top1_correct_at"][j])
-            sums[f"count_{j}"] += float(metrics["top1_count_at"][j])
+        for d in depths:
+            sums[f"correct_{d}"] += float(metrics["top1_depth_correct"][d - 1])
+            sums[f"count_{d}"] += float(metrics["top1_depth_count"][d - 1])
     module.train()
     totals = all_reduce_sum(sums, device)
     positions = max(totals["positions"], 1.0)
-    accuracy = [totals[f"correct_{j}"] / totals[f"count_{j}"] if totals[f"count_{j}"] else math.nan for j in range(k)]
+    by_depth = [totals[f"correct_{d}"] / totals[f"count_{d}"] if totals[f"count_{d}"] else math.nan for d in depths]
+    accuracy = by_depth[:k]  # pass 0, teacher-forced: by block position
     result = {f"eval/{name}": totals[f"{name}_sum"] / positions for name in ("loss", "reg", "dist", "kl", "ce")}
     result.update({f"eval/top1_pos{j + 1}": accuracy[j] for j in range(k)})
-    result["eval/top1"] = sum(totals[f"correct_{j}"] for j in range(k)) / positions
+    result.update({f"eval/top1_depth_{d}": by_depth[d - 1] for d in depths})
+    result["eval/top1"] = sum(totals[f"correct_{d}"] for d in depths[:k]) / positions
     result["eval/tau_chain"] = chain_acceptance_length(accuracy, module.config.max_tree_depth)
     result["eval/positions"] = totals["positions"]
     return result
@@ -820,8 +823,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             generator = step_generator(config.seed, rank, step)
             for _ in range(gas):
                 batch = next(loader)
-                out = csgd_step(module, batch, config.csgd, config.epochs * step / plan.total_steps, config.epochs,
-                                lm_head_weight, generator)
+                out = csgd_step(module, batch, config.csgd, step / plan.total_steps, lm_head_weight, generator)
                 engine.backward(out["loss"])
                 engine.step()
                 meter.add(out, batch)
