@@ -129,7 +129,7 @@ class FeatureStore:
         if location.exists(location.path(METADATA_FILE)):
             if not exist_ok:
                 raise FileExistsError(f"a feature store already exists at {url}")
-            existing = _read_metadata(location)
+            existing = read_metadata(location)
             differences = existing.differences(metadata)
             if differences:
                 raise StoreMismatchError(
@@ -153,13 +153,7 @@ class FeatureStore:
     ) -> FeatureStore:
         """Open an existing store; refuse it if it holds features of another target than expected."""
         location = Location(url, storage_options)
-        metadata = _read_metadata(location)
-        if expect_fingerprint is not None and metadata.target_fingerprint != expect_fingerprint:
-            raise StoreMismatchError(
-                f"feature store at {url} holds features of target {metadata.target_fingerprint!r}, "
-                f"but target {expect_fingerprint!r} was expected; extract features for this target into a new store"
-            )
-        return cls(location, metadata)
+        return cls(location, read_metadata(location, expect_fingerprint))
 
     @property
     def url(self) -> str:
@@ -441,12 +435,19 @@ class FeatureStore:
         return None
 
 
-def _read_metadata(location: Location) -> StoreMetadata:
+def read_metadata(location: Location, expect_fingerprint: str | None = None) -> StoreMetadata:
+    """A store's metadata; refused if it holds features of another target than `expect_fingerprint`."""
     try:
         values = location.read_json(location.path(METADATA_FILE))
     except FileNotFoundError:
         raise FileNotFoundError(f"no feature store at {location.url} (no {METADATA_FILE})") from None
-    return StoreMetadata.from_dict(values, where=f"feature store at {location.url}")
+    metadata = StoreMetadata.from_dict(values, where=f"feature store at {location.url}")
+    if expect_fingerprint is not None and metadata.target_fingerprint != expect_fingerprint:
+        raise StoreMismatchError(
+            f"feature store at {location.url} holds features of target {metadata.target_fingerprint!r}, "
+            f"but target {expect_fingerprint!r} was expected; extract features for this target into a new store"
+        )
+    return metadata
 
 
 def remove_store_files(location: Location) -> None:

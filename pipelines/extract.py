@@ -18,12 +18,13 @@ once the shard's replies are done), so a resumed run does not generate them agai
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,10 +39,12 @@ from tqdm.auto import tqdm
 
 from falcon.generate import SamplingConfig, autoregressive_generate
 from falcon.target import describe_target, load_target, target_fingerprint, target_parts
-from feature_store import FeatureStore, StoreMetadata, StoreMismatchError
+from feature_store import FeatureStore, StoreLockedError, StoreMetadata, StoreMismatchError, WriterLock
+from feature_store.lock import DEFAULT_STALE_AFTER_S
 from feature_store.schema import HIDDEN_DTYPES, TOPK_DTYPES, decode_hidden
 from feature_store.shard import shard_name
 from feature_store.storage import Location
+from feature_store.store import METADATA_FILE, read_metadata, remove_store_files
 from pipelines.data import (
     DEFAULT_MAX_CHARS,
     FORMATS,
@@ -120,6 +123,8 @@ class ExtractConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for the store URL
+    # The store's writer lock is stale once its heartbeat is this old (a job on another host died).
+    lock_timeout_s: float = DEFAULT_STALE_AFTER_S
 
     def __post_init__(self) -> None:
         checks = [
@@ -134,6 +139,7 @@ class ExtractConfig:
             (self.forward_batch_tokens >= 1, "forward_batch_tokens must be >= 1"),
             (self.max_samples is None or self.max_samples >= 1, "max_samples must be >= 1 or null"),
             (self.task_num_cpus > 0, "task_num_cpus must be > 0"),
+            (self.lock_timeout_s > 0, "lock_timeout_s must be > 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -614,15 +620,28 @@ def pending_shard_rows(
     return rows, len(committed), generate
 
 
+@contextlib.contextmanager
+def writer_lock(cfg: ExtractConfig) -> Iterator[WriterLock]:
+    """The store's writer lock, held for the whole job (see feature_store.lock); refused if another job has it."""
+    try:
+        lock = WriterLock(Location(cfg.store, cfg.storage_options), cfg.lock_timeout_s).acquire()
+    except StoreLockedError as exc:
+        raise ExtractError(str(exc)) from None
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
 def open_store(cfg: ExtractConfig, metadata: StoreMetadata, fresh: bool) -> FeatureStore:
+    """The store to write, created or reopened; call it holding the store's writer lock, which --fresh keeps."""
     location = Location(cfg.store, cfg.storage_options)
     if fresh and location.exists(location.root):
         print(f"extract: --fresh: removing the existing store at {cfg.store}", file=sys.stderr)
-        location.remove(location.root)
+        remove_store_files(location)
     try:
-        if location.exists(location.path("store.json")):
-            FeatureStore.open(cfg.store, expect_fingerprint=metadata.target_fingerprint,
-                              storage_options=cfg.storage_options)
+        if location.exists(location.path(METADATA_FILE)):
+            read_metadata(location, expect_fingerprint=metadata.target_fingerprint)
         return FeatureStore.create(cfg.store, metadata, storage_options=cfg.storage_options)
     except StoreMismatchError as exc:
         raise ExtractError(f"{exc}\n(pass --fresh to delete the existing store and extract again)") from None
@@ -635,7 +654,7 @@ def run(cfg: ExtractConfig, *, fresh: bool = False) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "rejects.jsonl").unlink(missing_ok=True)  # describes the last run only
     rejects = RejectCounter(run_dir / "rejects.jsonl")
-    with ray_session(cfg.ray):
+    with writer_lock(cfg) as lock, ray_session(cfg.ray):
         describe = ray.remote(_describe_target).options(
             num_cpus=cfg.forward_actors.num_cpus, num_gpus=cfg.forward_actors.num_gpus
         )
@@ -649,10 +668,15 @@ def run(cfg: ExtractConfig, *, fresh: bool = False) -> dict[str, Any]:
         if not records:
             raise ExtractError(f"no usable records in {cfg.inputs}\n{rejects.table()}")
         store = open_store(cfg, store_metadata(cfg, target, tokenizer, records), fresh)
+        store.writer_owner = lock.owner  # the job's shard writers check the lock before each commit
         rows, n_skipped, generate = pending_shard_rows(records, cfg, store)
         print(f"extract: {len(records)} records -> {n_skipped + len(rows)} shards; {n_skipped} already "
               f"committed, {len(rows)} to write{' (with generation)' if generate else ''}", file=sys.stderr)
-        results = write_features(build_pipeline(rows, cfg, store, tokenizer, generate), cfg, store) if rows else []
+        try:
+            results = write_features(build_pipeline(rows, cfg, store, tokenizer, generate), cfg, store) if rows else []
+            store.check_writer("write the manifest")
+        except (StoreLockedError, StoreMismatchError) as exc:  # another job took the store over meanwhile
+            raise ExtractError(str(exc)) from None
         store.commit_manifest()
     for result in results:
         for entry in result.get("rejects", []):

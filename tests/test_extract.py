@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,10 +20,20 @@ from falcon.generate import SamplingConfig, autoregressive_generate
 from falcon.target import load_target, target_fingerprint, target_parts
 from falcon.testing import make_tiny_target
 from feature_store import FeatureStore
+from feature_store.lock import LOCK_FILE, WriterLock
 from feature_store.schema import bfloat16_bits_to_float32, float32_to_bfloat16_bits
+from feature_store.storage import Location
 from pipelines.config import load_section
 from pipelines.data import tokenize_conversation
-from pipelines.extract import ExtractConfig, ExtractError, forward_batches, forward_features, record_seed, run
+from pipelines.extract import (
+    ExtractConfig,
+    ExtractError,
+    forward_batches,
+    forward_features,
+    open_store,
+    record_seed,
+    run,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -236,6 +247,50 @@ def test_kill_9_mid_run_then_rerun_gives_the_identical_store(reference_run, loca
     assert resumed.metadata == reference.metadata
     assert resumed.read_manifest().to_pylist() == reference.read_manifest().to_pylist()  # incl. checksums
     assert resumed.verify().ok and not resumed.verify().partial
+
+
+def test_a_truncated_commit_record_is_reported_and_the_shard_extracted_again(reference_run, workdir, caplog):
+    reference_cfg, _ = reference_run
+    store = workdir / "store-damaged"
+    shutil.copytree(reference_cfg.store, store)
+    record = store / "shards" / "shard-00001" / "COMMITTED.json"
+    record.write_bytes(record.read_bytes()[:50])
+    cfg = make_config(reference_cfg.target, reference_cfg.inputs[0], store, workdir / "run-damaged")
+
+    summary = run(cfg)
+    assert "shard-00001" in caplog.text and "COMMITTED.json" in caplog.text
+    assert summary["shards_written"] == 1 and summary["replies_from_cache"] > 0  # its replies were cached
+    resumed, reference = FeatureStore.open(cfg.store), FeatureStore.open(reference_cfg.store)
+    assert resumed.read_manifest().to_pylist() == reference.read_manifest().to_pylist()
+    assert resumed.verify().ok
+
+
+def test_a_second_job_on_a_locked_store_is_refused_with_a_clear_message(reference_run, workdir, capsys):
+    reference_cfg, _ = reference_run
+    cfg = make_config(reference_cfg.target, reference_cfg.inputs[0], workdir / "store-locked", workdir / "run-locked")
+    first_job = WriterLock(Location(cfg.store)).acquire()
+    try:
+        with pytest.raises(ExtractError, match="being written by another job"):
+            run(cfg)
+        capsys.readouterr()
+        assert extract_main(["--config", str(TINY_CONFIG), *cli_overrides(cfg)]) == 1
+        err = capsys.readouterr().err
+        assert "extract_features: error:" in err and LOCK_FILE in err and "Traceback" not in err
+    finally:
+        first_job.release()
+    assert not (Path(cfg.store) / "store.json").exists()  # the refused job wrote nothing
+
+
+def test_fresh_recreates_the_store_under_the_jobs_lock(reference_run, workdir):
+    reference_cfg, _ = reference_run
+    store = workdir / "store-fresh"
+    shutil.copytree(reference_cfg.store, store)
+    cfg = make_config(reference_cfg.target, reference_cfg.inputs[0], store, workdir / "run-fresh")
+    old = FeatureStore.open(cfg.store)
+    with WriterLock(Location(cfg.store)) as lock:
+        new = open_store(cfg, old.metadata, fresh=True)
+        assert new.num_samples == 0 and new.metadata.store_id != old.metadata.store_id
+        assert Location(cfg.store).read_json(str(store / LOCK_FILE))["owner"] == lock.owner  # still held
 
 
 def test_bad_rows_are_counted_by_reason_and_the_rest_extracted(local_ray, workdir, target_dir):
