@@ -28,6 +28,7 @@ def summarize(store: FeatureStore) -> str:
         f"extraction       {json.dumps(meta.extraction_config, sort_keys=True)}",
         f"shards           {len(shards)} committed"
         + (f" (ids {shards[0].shard_id}..{shards[-1].shard_id})" if shards else ""),
+        *[f"not committed    {name}: {reason}" for name, reason in store.ignored.items()],
         f"samples          {store.num_samples:,}",
         f"tokens           {n_tokens:,} ({n_loss:,} loss-masked)",
         f"stored           {nbytes / 1e6:,.1f} MB",

@@ -2,8 +2,7 @@
 
 Store layout (at a local path or any fsspec URL):
 
-    store.json          StoreMetadata (schema version, store_id, target fingerprint, tokenizer, sizes, dtypes,
-                        config)
+    store.json          StoreMetadata (schema version, store_id, target, tokenizer, sizes, dtypes, config)
     manifest.parquet    one row per committed shard (see MANIFEST_SCHEMA); derived, rebuildable
     shards/shard-00000/ one Zarr v3 group per shard, committed atomically (see feature_store.shard)
     WRITER.lock         while a job writes the store (see feature_store.lock)
@@ -217,11 +216,8 @@ class FeatureStore:
         return table
 
     def read_manifest(self) -> pa.Table | None:
-        """The last manifest written by `commit_manifest()`, or None if there is none yet.
-
-        A damaged manifest (truncated, overwritten) is rebuilt from the commit records, with a warning:
-        it holds nothing they do not, except which shards vanished since, which is lost with it.
-        """
+        """The last manifest written by `commit_manifest()`, or None if there is none yet. A damaged one is
+        rebuilt from the commit records with a warning: only which shards vanished since is lost with it."""
         path = self.location.path(MANIFEST_FILE)
         try:
             return pq.read_table(io.BytesIO(self.location.fs.cat_file(path)))
@@ -233,10 +229,7 @@ class FeatureStore:
             return self._write_manifest(self._scan().records)
 
     def remove_partial_shards(self) -> list[str]:
-        """Delete leftovers of killed writers and shards that are not committed (`ignored`); returns the names.
-
-        Call only while no writer is running.
-        """
+        """Delete leftovers of killed writers and `ignored` shards, only while no writer runs; returns the names."""
         scan = self._scan()
         names = sorted([*partial_shard_names(self.location, scan), *scan.ignored])
         for name in names:
@@ -246,10 +239,9 @@ class FeatureStore:
     # --- reading -------------------------------------------------------------------------------
 
     def _set_view(self, scan: ShardScan) -> None:
-        records = scan.records
         self.ignored = scan.ignored  # shard name -> why it is not committed (see ShardScan)
-        self._shards = tuple(records)
-        self._sample_starts = np.cumsum([0] + [r.n_samples for r in records])  # [n_shards + 1]
+        self._shards = tuple(scan.records)
+        self._sample_starts = np.cumsum([0] + [r.n_samples for r in scan.records])  # [n_shards + 1]
         self._arrays: dict[int, dict[str, zarr.Array]] = {}
         self._offsets: dict[int, np.ndarray] = {}
         self._first_loss: dict[int, np.ndarray] = {}
@@ -341,11 +333,8 @@ class FeatureStore:
         return [sid for pos in range(len(self._shards)) for sid in self._shard_sample_ids(pos)]
 
     def prompt_digests(self) -> list[bytes]:
-        """sha256 of every sample's prompt tokens (those before its first loss token), by global index.
-
-        A sample with no prompt (loss from its first token) is digested whole instead, so that such
-        samples are not all alike.
-        """
+        """sha256 of every sample's prompt tokens (those before its first loss token), by global index; a
+        sample with no prompt (loss from its first token) is digested whole, so that those are not all alike."""
         digests = []
         for pos in range(len(self._shards)):
             input_ids = self._shard_arrays(pos)["input_ids"][...]

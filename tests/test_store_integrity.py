@@ -13,6 +13,7 @@ import pytest
 from test_feature_store import checksums, make_metadata, make_sample, make_samples, write_missing_shards
 
 import feature_store.shard as shard_module
+from feature_store.inspect import main as inspect_main
 from feature_store.schema import StoreMismatchError
 from feature_store.store import FeatureStore
 
@@ -70,7 +71,7 @@ def test_a_shard_of_another_store_identity_is_reported_ignored_and_replaced(tmp_
     assert checksums(rerun) == checksums(FeatureStore.open(str(other)))
 
 
-def test_a_truncated_commit_record_is_reported_and_its_shard_written_again(tmp_path, caplog):
+def test_a_truncated_commit_record_is_reported_and_its_shard_written_again(tmp_path, caplog, capsys):
     clean = write_missing_shards(str(tmp_path / "clean"), n_shards=3)
     url = tmp_path / "store"
     write_missing_shards(str(url), n_shards=3)
@@ -83,6 +84,8 @@ def test_a_truncated_commit_record_is_reported_and_its_shard_written_again(tmp_p
     report = store.verify()
     assert not report.ok and list(report.ignored) == ["shard-00001"] and report.missing == []
     assert "shard-00001" in str(report)
+    assert inspect_main([str(url), "--verify"]) == 1
+    assert "not committed    shard-00001: unreadable COMMITTED.json" in capsys.readouterr().out
 
     rerun = write_missing_shards(str(url), n_shards=3)  # the next extraction run
     assert checksums(rerun) == checksums(clean)
