@@ -50,7 +50,7 @@ from falcon.tree import TreeConfig
 from pipelines.config import load_section
 from pipelines.inference import FalconPackage, encode_prompt, load_falcon
 from pipelines.ray_utils import use_torch_threads
-from pipelines.tracking import ensure_experiment, resolve_tracking_uri
+from pipelines.tracking import ensure_experiment, redact, resolve_tracking_uri
 
 BASELINES = ("autoregressive", "hf_generate")
 DRAFTER_ONLY = "falcon-drafter-only"
@@ -515,12 +515,13 @@ def log_to_mlflow(config: BenchmarkConfig, tracking_uri: str, report: dict[str, 
 
     mlflow.set_tracking_uri(tracking_uri)
     experiment_id = ensure_experiment(MlflowClient(tracking_uri), config.experiment, tracking_uri)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"benchmark {report['model']['uri']}") as run:
-        mlflow.log_params({"model": report["model"]["uri"], "registry_version":
-                           str(report["model"].get("registry", {}).get("version")),
-                           "target_fingerprint": report["model"]["fingerprint"], "dtype": config.dtype,
-                           "device": config.device, "max_new_tokens": config.max_new_tokens,
-                           "datasets": ",".join(d.name for d in config.datasets), "cpu": report["machine"]["cpu"]})
+    with mlflow.start_run(experiment_id=experiment_id, run_name=redact(f"benchmark {report['model']['uri']}")) as run:
+        mlflow.log_params(redact({"model": report["model"]["uri"], "registry_version":
+                                  str(report["model"].get("registry", {}).get("version")),
+                                  "target_fingerprint": report["model"]["fingerprint"], "dtype": config.dtype,
+                                  "device": config.device, "max_new_tokens": config.max_new_tokens,
+                                  "datasets": ",".join(d.name for d in config.datasets),
+                                  "cpu": report["machine"]["cpu"]}))
         for dataset, result in report["results"].items():
             for method, m in result["methods"].items():
                 for key in ("tokens_per_s_mean", "speedup", "tau", "alpha", "real_divergences", "ties"):
@@ -550,7 +551,7 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
     rotation = [0]
     auditor = DivergenceAuditor(package.target, config.tie_factor)
     records = {spec.name: measure_dataset(spec, methods, package, auditor, rotation) for spec in config.datasets}
-    report = {
+    report = redact({  # written, logged and printed: no credentials
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "machine": machine_info(config.device),
         "config": asdict(config),
@@ -560,7 +561,7 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
         "definitions": DEFINITIONS,
         "results": summarise(records),
         "samples": records,
-    }
+    })
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / REPORT_JSON).write_text(json.dumps(report, indent=2, default=str) + "\n")

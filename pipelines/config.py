@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from pipelines.tracking import redact_text
+
 T = TypeVar("T")
 
 
@@ -123,7 +125,7 @@ def run_job(name: str, description: str, section: str, load: Callable[[str, list
     int result (if it returns one) is the exit code.
 
     A config that does not parse exits 2 and an expected failure (`errors`) exits 1, each with one line
-    naming the problem instead of a traceback.
+    naming the problem instead of a traceback (URL credentials in it removed).
     """
     parser = argparse.ArgumentParser(prog=f"jobs/{name}.py", description=description)
     parser.add_argument("--config", required=True, help="YAML config file (see jobs/configs/)")
@@ -137,8 +139,8 @@ def run_job(name: str, description: str, section: str, load: Callable[[str, list
         result = run(config, args)
         return result if isinstance(result, int) else 0  # an int is the job's exit code
     except ConfigError as exc:
-        print(f"{name}: config error: {exc}", file=sys.stderr)
+        print(f"{name}: config error: {redact_text(str(exc))}", file=sys.stderr)
         return 2
     except errors as exc:
-        print(f"{name}: error: {exc}", file=sys.stderr)
+        print(f"{name}: error: {redact_text(str(exc))}", file=sys.stderr)
         return 1

@@ -55,6 +55,7 @@ from pipelines.data import (
     tokenize_conversation,
 )
 from pipelines.ray_utils import ActorPoolConfig, RayConfig, ray_session
+from pipelines.tracking import redact
 
 GENERATED_DIR = "generated"
 TARGET_DTYPES = ("float32", "bfloat16", "float16")
@@ -637,7 +638,7 @@ def open_store(cfg: ExtractConfig, metadata: StoreMetadata, fresh: bool) -> Feat
     """The store to write, created or reopened; call it holding the store's writer lock, which --fresh keeps."""
     location = Location(cfg.store, cfg.storage_options)
     if fresh and location.exists(location.root):
-        print(f"extract: --fresh: removing the existing store at {cfg.store}", file=sys.stderr)
+        print(f"extract: --fresh: removing the existing store at {redact(cfg.store)}", file=sys.stderr)
         remove_store_files(location)
     try:
         if location.exists(location.path(METADATA_FILE)):
@@ -696,7 +697,7 @@ def summarise(cfg, store: FeatureStore, target, results, n_skipped, rejects: Rej
     store_bytes = sum(record.nbytes for record in store.shards)
     raw_per_token = store.metadata.raw_bytes_per_token()
     bytes_per_token = store_bytes / store.num_tokens if store.num_tokens else 0.0
-    return {
+    return redact({  # the summary is printed and kept: no credentials
         "store": cfg.store,
         "target": target,
         "elapsed_s": round(elapsed, 2),
@@ -718,8 +719,8 @@ def summarise(cfg, store: FeatureStore, target, results, n_skipped, rejects: Rej
         "bytes_per_token": round(bytes_per_token, 1),
         "raw_bytes_per_token": raw_per_token,
         "stored_vs_raw": round(bytes_per_token / raw_per_token, 3),
-        "config": {k: v for k, v in asdict(cfg).items() if k != "storage_options"},  # may hold credentials
-    }
+        "config": asdict(cfg),
+    })
 
 
 def format_summary(summary: Mapping[str, Any], rejects: RejectCounter) -> str:

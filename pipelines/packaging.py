@@ -65,7 +65,8 @@ from pipelines.inference import (
     load_falcon,
 )
 from pipelines.ray_utils import use_torch_threads
-from pipelines.tracking import DEFAULT_TRACKING_URI, ensure_experiment, resolve_tracking_uri
+from pipelines.tracking import DEFAULT_TRACKING_URI, ensure_experiment, redact, resolve_tracking_uri
+from pipelines.train import TRAIN_INFO_FILE
 from pipelines.tree_tuning import TreeTuningConfig, resolve_tree
 
 PYFUNC_FILE = Path(__file__).with_name("falcon_pyfunc.py")
@@ -174,6 +175,9 @@ def write_package(package_dir: Path, drafter_dir: Path, tree_paths: list[list[in
     if package_dir.exists():
         shutil.rmtree(package_dir)
     shutil.copytree(drafter_dir, package_dir / DRAFTER_DIR)
+    train_info = package_dir / DRAFTER_DIR / TRAIN_INFO_FILE
+    if train_info.is_file():  # drafters trained before credentials were redacted carry their storage options
+        train_info.write_text(json.dumps(redact(json.loads(train_info.read_text())), indent=2) + "\n")
     block_size, lookup_settings = tree_report["block_size"], asdict(lookup)
     (package_dir / TREE_FILE).write_text(json.dumps(
         {"paths": tree_paths, "block_size": block_size, "summary": tree_report["summary"], "lookup": lookup_settings},
@@ -266,9 +270,9 @@ def register_package(package_dir: Path, digest: str, *, model_name: str, trackin
     experiment_id = ensure_experiment(client, experiment, tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"package-{model_name}") as run:
-        mlflow.log_params(params)
+        mlflow.log_params(redact(params))
         mlflow.log_metrics(metrics)
-        mlflow.set_tags(tags)
+        mlflow.set_tags(redact(tags))
         model_info = mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT_NAME,
             python_model=str(PYFUNC_FILE),
@@ -412,13 +416,13 @@ def run_packaging(config: PackageConfig, *, fresh: bool = False) -> PackageResul
                         model_config={"device": config.device, "dtype": config.dtype},
                         params=params, metrics=metrics, tags=tags)
     result = PackageResult(published, tree_paths, report, str(package_dir), config.lookup)
-    (run_dir / SUMMARY_FILE).write_text(json.dumps({
+    (run_dir / SUMMARY_FILE).write_text(json.dumps(redact({
         "model_uri": published.model_uri, "name": published.name, "version": published.version,
         "alias": published.alias, "alias_note": published.alias_note, "reused_version": published.reused,
         "run_id": published.run_id,
         "tracking_uri": published.tracking_uri, "content_hash": meta["content_hash"], "tree": summary,
         **metrics,
-    }, indent=2) + "\n")
+    }), indent=2) + "\n")
     return result
 
 
@@ -430,7 +434,7 @@ def describe_result(result: PackageResult) -> str:
         f"model: {published.model_uri} -> {published.name} version {published.version} ({state}; checked: loads "
         "back from the registry and decodes as plain greedy decoding)",
         *([f"alias: {published.alias_note}"] if published.alias_note else []),
-        f"registry: {published.tracking_uri}",
+        f"registry: {redact(published.tracking_uri)}",
         f"tree ({report['mode']}): {summary['nodes']} nodes, depth {summary['depth']}, per depth "
         f"{summary['nodes_per_depth']}, branches per drafter pass {summary['pass_branches']}",
     ]
