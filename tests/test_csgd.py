@@ -355,7 +355,7 @@ def target():
 
 def _drafter(target, **overrides) -> Drafter:
     torch.manual_seed(1)
-    drafter = Drafter(DrafterConfig.from_target(target.config, block_size=2, **overrides))
+    drafter = Drafter(DrafterConfig.from_target(target.config, **{"block_size": 2, **overrides}))
     if drafter.draft_to_target is not None:
         counts = torch.arange(VOCAB).flip(0).float()  # the lowest ids are the most frequent
         drafter.set_draft_vocab(build_draft_vocab(counts, drafter.config.draft_vocab_size))
@@ -623,13 +623,11 @@ def _inference_passes(drafter, hidden_states, input_ids, prefix, k):
     return recorded, tokens[1:]
 
 
-@pytest.mark.parametrize("block_size,num_layers", [(2, 1), (3, 2)])
-def test_pass1_equals_the_decode_loops_second_pass(target, padded_batch, block_size, num_layers):
+@pytest.mark.parametrize("block_size,num_layers,draft_vocab_size", [(2, 1, None), (3, 2, None), (2, 1, 64)])
+def test_pass1_equals_the_decode_loops_second_pass(target, padded_batch, block_size, num_layers, draft_vocab_size):
     """fp32: pass 0 at block c and pass 1 at block c+1 equal decoding's two drafter passes after a true
     prefix of (c+1)·k positions, for every block of every row of a padded batch."""
-    torch.manual_seed(1)
-    drafter = Drafter(DrafterConfig.from_target(target.config, block_size=block_size, num_layers=num_layers))
-    drafter.attach_target(target.get_input_embeddings(), target.get_output_embeddings()).eval()
+    drafter = _drafter(target, block_size=block_size, num_layers=num_layers, draft_vocab_size=draft_vocab_size).eval()
     k, batch = block_size, _batch(padded_batch)
     aligned = align_targets(batch["hidden_states"], batch["input_ids"], batch["loss_mask"], k)
     with torch.no_grad():
@@ -643,7 +641,7 @@ def test_pass1_equals_the_decode_loops_second_pass(target, padded_batch, block_s
                     drafter, batch["hidden_states"][row], batch["input_ids"][row], prefix, k)
                 assert torch.allclose(pass0.features[row, prefix - k:prefix], inference0, atol=1e-5)
                 assert torch.allclose(pass1[row, prefix:prefix + k], inference1, atol=1e-5)
-                own_tokens = drafter.logits(pass1[row, prefix:prefix + k]).argmax(-1)
+                own_tokens = drafter.to_target_ids(drafter.logits(pass1[row, prefix:prefix + k]).argmax(-1))
                 assert torch.equal(tokens[k:], own_tokens)
                 compared += 1
     assert compared >= 3 * 2
