@@ -4,9 +4,9 @@ The recipe, top to bottom:
 
 1. `prepare_run` (driver, before any worker starts): load the target once to fingerprint it, open the store
    expecting that fingerprint, verify every shard, split train / held-out, build the draft vocabulary from the
-   training split's token counts, size the run (steps per epoch, total steps) and check a checkpoint left by
-   an earlier run of the same name was made for the same drafter and data. Any problem is a `TrainSetupError`
-   naming it.
+   training split's token counts, size the run (steps per epoch, total steps) and check that the checkpoint a
+   re-run would resume from was made with the same training settings (`TrainPlan.resume_key`). Any problem is
+   a `TrainSetupError` naming it.
 2. `run_training` (driver): open the MLflow run, start or join Ray, run a `TorchTrainer` whose workers execute
    `train_loop_per_worker`, then copy the exported drafter out of the final checkpoint into the run directory
    and log it to MLflow.
@@ -47,6 +47,12 @@ counting the target's bonus token:
 It treats each depth as accepted independently with the teacher-forced accuracy of its block position, so it
 is a proxy to compare runs, not a measured speed-up (later passes read drafted, not true, inputs).
 
+Non-finite losses: every worker's losses of a step are checked before any backward and the verdict is shared,
+so all workers skip the same steps (no backward, no optimizer step: NaN never reaches the weights, whatever the
+ZeRO stage). Skipped steps are counted (`train/nonfinite_steps`, carried in checkpoints); beyond
+`max_nonfinite_steps` the run stops with a `TrainingDivergedError`, and a drafter whose weights are not all
+finite is never exported.
+
 Checkpoints (`ray.train.report`, every `checkpoint_every` steps, at each epoch end and at the end): every
 worker writes `engine.save_checkpoint` (module weights, its ZeRO optimizer partition, LR scheduler, step) into
 one directory that Ray Train merges in persistent storage; rank 0 adds `plan.json` (what the checkpoint was
@@ -81,9 +87,9 @@ import torch.distributed as dist
 from torch import nn
 
 from falcon.csgd import CSGDConfig, csgd_eval_metrics, csgd_step
-from falcon.drafter import Drafter, DrafterConfig, build_draft_vocab, save_drafter
+from falcon.drafter import WEIGHTS_FILE, Drafter, DrafterConfig, build_draft_vocab, save_drafter
 from pipelines.ray_utils import RayConfig
-from pipelines.tracking import ensure_experiment, resolve_tracking_uri
+from pipelines.tracking import ensure_experiment, redact, resolve_tracking_uri
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LR_SCHEDULES = ("constant", "cosine")
@@ -93,10 +99,23 @@ DRAFTER_DIR = "drafter"
 TRAIN_INFO_FILE = "train_info.json"
 MLFLOW_RUN_ID_FILE = "mlflow_run_id"
 SUMMARY_FILE = "summary.json"
+RUN_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it committed
+# Settings that leave the trained weights unchanged (where the run reads and writes, how it is scheduled,
+# logged and checked); every other TrainConfig field, new ones included, is part of the resume key.
+RESUME_IGNORED = (
+    "store", "run_dir", "target", "trust_remote_code", "storage_path", "storage_options", "checkpoint_every",
+    "keep_checkpoints", "log_every", "eval_max_windows", "verify_store", "loader_workers", "max_failures",
+    "max_nonfinite_steps", "mlflow", "ray", "scaling.use_gpu", "scaling.cpus_per_worker", "scaling.gpus_per_worker",
+    "scaling.backend", "scaling.torch_threads",
+)
 
 
 class TrainSetupError(ValueError):
     """Training cannot start as configured; the message names the problem and what to do."""
+
+
+class TrainingDivergedError(TrainSetupError):
+    """Training met more non-finite losses than allowed, or made non-finite weights; the message says what to do."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -174,6 +193,7 @@ class TrainConfig:
     # second pass feeding the drafter's own tiny outputs back through the LSTM.
     flush_denormal: bool = True
     max_failures: int = 0  # worker-group restarts from the latest checkpoint before the run fails
+    max_nonfinite_steps: int = 10  # optimizer steps skipped for a non-finite loss before the run stops
     storage_path: str | None = None  # Ray Train storage; None: the parent of run_dir (local)
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for the store URL
     drafter: DrafterSection = field(default_factory=DrafterSection)
@@ -215,6 +235,7 @@ class TrainConfig:
             (0 <= self.optimizer.min_lr_ratio <= 1, "optimizer.min_lr_ratio must be in [0, 1]"),
             (self.loader_workers >= 0, "loader_workers must be >= 0"),
             (self.max_failures >= 0, "max_failures must be >= 0"),
+            (self.max_nonfinite_steps >= 0, f"max_nonfinite_steps must be >= 0, got {self.max_nonfinite_steps}"),
             (self.scaling.cpus_per_worker >= 0 and self.scaling.gpus_per_worker >= 0,
              "scaling.cpus_per_worker and scaling.gpus_per_worker must be >= 0"),
             (self.dtype != "float16" or self.scaling.use_gpu, "dtype float16 needs GPUs; use float32 or bfloat16"),
@@ -267,21 +288,16 @@ class TrainPlan:
     mlflow_tracking_uri: str | None = None
     mlflow_run_id: str | None = None
 
-    def resume_key(self) -> dict[str, Any]:
-        """What a checkpoint must have been made for to be resumed by this plan."""
-        return {
-            "target_fingerprint": self.target_fingerprint,
-            "drafter_config": self.drafter_config,
-            "draft_vocab_sha256": _array_digest(self.draft_vocab),
-            "train_indices_sha256": _array_digest(self.train_indices),
-            "max_len": self.config.max_len,
-            "context_tokens": self.config.context_tokens,
-            "dtype": self.config.dtype,
-            "zero_stage": self.config.deepspeed.zero_stage,
-            "num_workers": self.config.scaling.num_workers,
-            "micro_batch_size": self.config.deepspeed.micro_batch_size,
-            "gradient_accumulation_steps": self.config.deepspeed.gradient_accumulation_steps,
-        }
+    def resume_key(self) -> dict[str, str | None]:
+        """What a checkpoint must have been made for to be resumed by this plan: every training setting that
+        changes the weights (dotted names, RESUME_IGNORED left out), the target, the drafter and the data split."""
+        settings = flatten(dataclasses.asdict(self.config))
+        key = {name: value for name, value in settings.items()
+               if not any(name == ignored or name.startswith(f"{ignored}.") for ignored in RESUME_IGNORED)}
+        key.update(flatten({"drafter_config": self.drafter_config}))
+        key.update(target_fingerprint=self.target_fingerprint, draft_vocab_sha256=_array_digest(self.draft_vocab),
+                   train_indices_sha256=_array_digest(self.train_indices))
+        return key
 
 
 def _array_digest(array: np.ndarray | None) -> str | None:
@@ -451,25 +467,48 @@ def safetensors_weight_map(directory: Path) -> dict[str, str]:
 
 
 def check_resumable(plan: TrainPlan) -> None:
-    """Refuse to resume a checkpoint made for another drafter, data, precision or worker count."""
-    latest = latest_checkpoint_dir(Path(plan.run_dir))
-    if latest is None or not (latest / PLAN_FILE).is_file():
+    """Refuse to resume a checkpoint made with other training settings (TrainPlan.resume_key).
+
+    The checkpoint compared is the one a re-run resumes from, the latest in Ray Train's run snapshot: a newer
+    directory is a partial write (a worker killed while saving) that Ray Train skips as well.
+    """
+    committed = committed_checkpoint(plan)
+    if committed is None:
         return
-    saved = json.loads((latest / PLAN_FILE).read_text())["resume_key"]
-    wanted = json.loads(json.dumps(plan.resume_key()))
+    name = committed[0]
+    saved_plan = read_run_file(plan, name, PLAN_FILE)
+    if saved_plan is None:
+        raise TrainSetupError(f"{plan.run_dir}: checkpoint {name}, which a re-run resumes from, has no {PLAN_FILE}, "
+                              "so its settings cannot be checked; pass --fresh to start over, or use another run_dir")
+    saved, wanted = json.loads(saved_plan)["resume_key"], plan.resume_key()
     differences = [f"{key}: checkpoint {saved.get(key)!r} != now {value!r}"
                    for key, value in wanted.items() if saved.get(key) != value]
+    differences += [f"{key}: checkpoint {saved[key]!r}, no such setting now" for key in saved if key not in wanted]
     if differences:
         raise TrainSetupError(
-            f"{plan.run_dir} holds a checkpoint ({latest.name}) of a run with other settings, so it cannot be "
+            f"{plan.run_dir} holds a checkpoint ({name}) of a run with other settings, so it cannot be "
             "resumed:\n  " + "\n  ".join(differences) + "\npass --fresh to start over, or use another run_dir"
         )
 
 
-def latest_checkpoint_dir(run_dir: Path) -> Path | None:
-    """The newest checkpoint Ray Train committed in run_dir (names sort by step), or None."""
-    checkpoints = sorted(run_dir.glob("checkpoint_step*"))
-    return checkpoints[-1] if checkpoints else None
+def committed_checkpoint(plan: TrainPlan) -> tuple[str, dict[str, Any]] | None:
+    """(directory name, reported metrics) of the checkpoint a re-run of this plan resumes from: the latest in
+    Ray Train's run snapshot. None before a first checkpoint was committed."""
+    snapshot = read_run_file(plan, RUN_SNAPSHOT_FILE)
+    latest = json.loads(snapshot).get("latest_checkpoint_result") if snapshot else None
+    return None if latest is None else (latest["checkpoint_dir_name"], latest["metrics"])
+
+
+def read_run_file(plan: TrainPlan, *parts: str) -> str | None:
+    """A file of the Ray Train run in its storage (a local path or a pyarrow URL, as Ray Train reads it), or None."""
+    from pyarrow import fs
+
+    location = "/".join([plan.storage_path.rstrip("/"), plan.run_name, *parts])
+    filesystem, path = fs.FileSystem.from_uri(location) if "://" in location else (fs.LocalFileSystem(), location)
+    if filesystem.get_file_info(path).type == fs.FileType.NotFound:
+        return None
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read().decode()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -692,14 +731,16 @@ class ProgressMeter:
         if "glance_ratio" in out:
             self.glance_ratio = float(out["glance_ratio"])
 
-    def flush(self, step: int, lr: float) -> dict[str, float]:
-        """The interval's record (a collective: every worker calls it at the same steps)."""
+    def flush(self, step: int, lr: float, nonfinite_steps: int) -> dict[str, float]:
+        """The interval's record (a collective: every worker calls it at the same steps); its loss parts are NaN
+        when every step of the interval was skipped for a non-finite loss."""
         totals = all_reduce_sum(self.sums, self.device)
         elapsed = time.perf_counter() - self.interval_start
+        trained = totals["micro_batches"]
         record = {"step": step, "seconds": elapsed, "tokens": totals["tokens"],
                   "train/tokens_per_s": totals["tokens"] / max(elapsed, 1e-9), "train/lr": lr,
-                  "train/epoch": step / self.plan.steps_per_epoch,
-                  **{f"train/{name}": totals[name] / totals["micro_batches"] for name in self.PARTS}}
+                  "train/epoch": step / self.plan.steps_per_epoch, "train/nonfinite_steps": nonfinite_steps,
+                  **{f"train/{name}": totals[name] / trained if trained else math.nan for name in self.PARTS}}
         if self.glance_ratio is not None:
             record["train/glance_ratio"] = self.glance_ratio
         self.restart_interval()
@@ -708,9 +749,11 @@ class ProgressMeter:
     def line(self, record: dict[str, float]) -> str:
         step, total = int(record["step"]), self.plan.total_steps
         eta = (time.perf_counter() - self.session_start) / max(1, step - self.start_step) * (total - step)
+        skipped = record["train/nonfinite_steps"]
+        skipped = f" | {skipped} non-finite steps skipped" if skipped else ""
         return (f"train: step {step}/{total} epoch {record['train/epoch']:.2f} | loss {record['train/loss']:.4f} "
                 f"top1 {record['train/top1']:.3f} | {record['train/tokens_per_s']:,.0f} tok/s | "
-                f"ETA {format_duration(eta)}")
+                f"ETA {format_duration(eta)}{skipped}")
 
 
 def progress(message: str) -> None:
@@ -737,7 +780,8 @@ def save_and_report(engine, plan: TrainPlan, step: int, metrics: dict[str, Any],
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix="falcon-ckpt-") as directory:
-        engine.save_checkpoint(directory, tag=ENGINE_TAG, client_state={"step": step})
+        engine.save_checkpoint(directory, tag=ENGINE_TAG,
+                               client_state={"step": step, "nonfinite_steps": metrics["nonfinite_steps"]})
         # ZeRO-3 holds each weight in pieces: gather them (a no-op for stages 0-2) to export whole tensors.
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
             if rank == 0:
@@ -745,26 +789,31 @@ def save_and_report(engine, plan: TrainPlan, step: int, metrics: dict[str, Any],
                                                                  indent=2, default=str))
                 if export_drafter:
                     export_dir = save_drafter(engine.module, Path(directory, DRAFTER_DIR))
-                    info = {"step": step, "target_dir": plan.target_dir, "store": plan.config.store,
-                            "mlflow_run_id": plan.mlflow_run_id, "metrics": metrics,
-                            "config": dataclasses.asdict(plan.config)}
-                    (export_dir / TRAIN_INFO_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+                    (export_dir / TRAIN_INFO_FILE).write_text(
+                        json.dumps(train_info(plan, step, metrics), indent=2, default=str) + "\n")
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                          checkpoint_dir_name=f"checkpoint_step{step:09d}")
 
 
-def restore(engine) -> int:
-    """Load the latest checkpoint Ray Train hands this run, if any; return the optimizer step to start at."""
+def train_info(plan: TrainPlan, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    """What the exported drafter says of its training (train_info.json, copied into packages): no credentials."""
+    return redact({"step": step, "target_dir": plan.target_dir, "store": plan.config.store,
+                   "mlflow_run_id": plan.mlflow_run_id, "metrics": metrics, "config": dataclasses.asdict(plan.config)})
+
+
+def restore(engine) -> tuple[int, int]:
+    """Load the latest checkpoint Ray Train hands this run, if any; return the optimizer step to start at and
+    the steps skipped so far for a non-finite loss."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return 0
+        return 0, 0
     with checkpoint.as_directory() as directory:
         path, client_state = engine.load_checkpoint(directory, tag=ENGINE_TAG)
     if path is None:
         raise RuntimeError(f"checkpoint {checkpoint.path} holds no DeepSpeed engine state")
-    return int(client_state["step"])
+    return int(client_state["step"]), int(client_state.get("nonfinite_steps", 0))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -792,7 +841,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     lm_head_weight = head.weight.detach()  # the full target head: the teacher when the store has no top-k
     engine = start_engine(build_drafter(plan, embedding, head, device, dtype), plan)
     module: Drafter = engine.module
-    start_step = restore(engine)
+    start_step, nonfinite_steps = restore(engine)
     resumed_digest = optimizer_digest(engine, device) if start_step else None
 
     store = FeatureStore.open(config.store, storage_options=config.storage_options)
@@ -810,7 +859,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                  f"{plan.num_train_windows} training windows); {engine_info}")
     if start_step >= plan.total_steps:  # an earlier run already finished and exported
         return {"start_step": start_step, "end_step": start_step, "history": history, **engine_info,
-                "resumed_optimizer_digest": resumed_digest}
+                "resumed_optimizer_digest": resumed_digest, "nonfinite_steps": nonfinite_steps}
 
     gas = config.deepspeed.gradient_accumulation_steps
     step, last_eval = start_step, {}
@@ -820,17 +869,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         batches = epoch_batches(len(train_set), epoch, plan, rank, world)[step_in_epoch * gas:]
         loader = batch_loader(train_set, batches, config.loader_workers)
         for _ in range(plan.steps_per_epoch - step_in_epoch):
-            generator = step_generator(config.seed, rank, step)
-            for _ in range(gas):
-                batch = next(loader)
-                out = csgd_step(module, batch, config.csgd, step / plan.total_steps, lm_head_weight, generator)
-                engine.backward(out["loss"])
-                engine.step()
-                meter.add(out, batch)
+            if not optimizer_step(engine, loader, plan, step, rank, lm_head_weight, meter):
+                nonfinite_steps += 1
+                skip_nonfinite_step(step + 1, nonfinite_steps, plan, logger, rank)
             step += 1
             end_of_epoch = step % plan.steps_per_epoch == 0
             if step % config.log_every == 0 or end_of_epoch or step == plan.total_steps:
-                record = meter.flush(step, engine.get_lr()[0])
+                record = meter.flush(step, engine.get_lr()[0], nonfinite_steps)
                 history.append(record)
                 if rank == 0:
                     logger.log({key: value for key, value in record.items() if key.startswith("train/")}, step)
@@ -842,17 +887,59 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                 if end_of_epoch:
                     last_eval = evaluate(module, eval_set, held_out, plan, lm_head_weight, device)
                     report_eval(last_eval, step, logger, rank)
-                metrics = checkpoint_metrics(step, history, last_eval, engine_info, optimizer_digest(engine, device))
+                metrics = checkpoint_metrics(step, history, last_eval, engine_info, optimizer_digest(engine, device),
+                                             nonfinite_steps)
                 save_and_report(engine, plan, step, metrics, rank, export_drafter=False)
                 meter.discount(time.perf_counter() - paused_at)  # evaluating and saving are not training
 
     last_eval = evaluate(module, eval_set, held_out, plan, lm_head_weight, device)
     report_eval(last_eval, step, logger, rank)
     digest = optimizer_digest(engine, device)
-    save_and_report(engine, plan, step, checkpoint_metrics(step, history, last_eval, engine_info, digest), rank,
-                    export_drafter=True)
+    save_and_report(engine, plan, step, checkpoint_metrics(step, history, last_eval, engine_info, digest,
+                                                           nonfinite_steps), rank, export_drafter=True)
     return {"start_step": start_step, "end_step": step, "history": history, "eval": last_eval, **engine_info,
-            "resumed_optimizer_digest": resumed_digest, "optimizer_digest": digest}
+            "resumed_optimizer_digest": resumed_digest, "optimizer_digest": digest, "nonfinite_steps": nonfinite_steps}
+
+
+def optimizer_step(engine, loader, plan: TrainPlan, step: int, rank: int, lm_head_weight, meter: ProgressMeter) -> bool:
+    """One optimizer step over its micro-batches; False, with nothing applied, when a loss was not finite.
+
+    Every worker checks its losses before any backward and the verdict is shared, so all workers skip the same
+    steps (one worker stepping alone would hang DeepSpeed's collectives). With gradient accumulation the step's
+    forwards therefore all run before its backwards, holding each micro-batch's activations until then. The
+    step's batches are read either way: the position in the data stays a function of the step.
+    """
+    config = plan.config
+    generator = step_generator(config.seed, rank, step)
+    micro_batches = []
+    for _ in range(config.deepspeed.gradient_accumulation_steps):
+        batch = next(loader)
+        out = csgd_step(engine.module, batch, config.csgd, step / plan.total_steps, lm_head_weight, generator)
+        micro_batches.append((out, batch))
+    nonfinite = sum(not bool(torch.isfinite(out["loss"]).all()) for out, _ in micro_batches)
+    if all_reduce_sum({"nonfinite": nonfinite}, lm_head_weight.device)["nonfinite"]:
+        return False
+    for out, batch in micro_batches:
+        engine.backward(out["loss"])
+        engine.step()
+        meter.add(out, batch)
+    return True
+
+
+def skip_nonfinite_step(step: int, count: int, plan: TrainPlan, logger: MlflowLogger, rank: int) -> None:
+    """Report optimizer step `step` (1-based) skipped for a non-finite loss; beyond the limit, stop the run."""
+    limit = plan.config.max_nonfinite_steps
+    if rank == 0:
+        progress(f"train: step {step}: the loss is not finite on at least one worker, step skipped "
+                 f"({count} so far, at most {limit})")
+    if count > limit:
+        logger.log({"train/nonfinite_steps": count}, step)
+        raise TrainingDivergedError(
+            f"the loss was not finite in {count} optimizer steps (the last at step {step}), more than "
+            f"max_nonfinite_steps {limit}; those steps were skipped, so the weights are still finite. Look for "
+            f"extreme feature values in {redact(plan.config.store)} (re-extract the shards holding them) or lower "
+            "optimizer.lr; re-running resumes from the last checkpoint, or raise max_nonfinite_steps"
+        )
 
 
 def report_eval(metrics: dict[str, float], step: int, logger: MlflowLogger, rank: int) -> None:
@@ -865,10 +952,10 @@ def report_eval(metrics: dict[str, float], step: int, logger: MlflowLogger, rank
 
 
 def checkpoint_metrics(step: int, history: list[dict[str, float]], last_eval: dict[str, float],
-                       engine_info: dict[str, Any], digest: float) -> dict[str, Any]:
+                       engine_info: dict[str, Any], digest: float, nonfinite_steps: int) -> dict[str, Any]:
     latest = history[-1] if history else {}
     return {"step": step, **{k: v for k, v in latest.items() if k.startswith("train/")}, **last_eval,
-            **engine_info, "optimizer_digest": digest}
+            **engine_info, "optimizer_digest": digest, "nonfinite_steps": nonfinite_steps}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -900,19 +987,24 @@ def open_mlflow_run(plan: TrainPlan) -> str | None:
         return run_id
     experiment_id = ensure_experiment(client, plan.config.mlflow.experiment, plan.mlflow_tracking_uri)
     run = client.create_run(experiment_id, run_name=plan.run_name, tags={"falcon.job": "train_csgd"})
-    params = flatten({"config": dataclasses.asdict(plan.config)})
+    entries = [Param(key, value[:6000]) for key, value in mlflow_params(plan).items()]
+    for start in range(0, len(entries), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run.info.run_id, params=entries[start:start + 100])
+    id_file.parent.mkdir(parents=True, exist_ok=True)
+    id_file.write_text(run.info.run_id + "\n")
+    return run.info.run_id
+
+
+def mlflow_params(plan: TrainPlan) -> dict[str, str]:
+    """The run's MLflow params: the config (no credentials) and the plan's sizes."""
+    params = flatten({"config": redact(dataclasses.asdict(plan.config))})
     params.update({
         "target_fingerprint": plan.target_fingerprint, "target_dir": plan.target_dir,
         "train_samples": str(len(plan.train_indices)), "eval_samples": str(len(plan.eval_indices)),
         "train_windows": str(plan.num_train_windows), "eval_windows": str(plan.num_eval_windows),
         "steps_per_epoch": str(plan.steps_per_epoch), "total_steps": str(plan.total_steps),
     })
-    entries = [Param(key, value[:6000]) for key, value in params.items()]
-    for start in range(0, len(entries), 100):  # MLflow takes at most 100 params per batch
-        client.log_batch(run.info.run_id, params=entries[start:start + 100])
-    id_file.parent.mkdir(parents=True, exist_ok=True)
-    id_file.write_text(run.info.run_id + "\n")
-    return run.info.run_id
+    return params
 
 
 def make_trainer(plan: TrainPlan):
@@ -954,45 +1046,72 @@ def run_training(config: TrainConfig, *, fresh: bool = False) -> dict[str, Any]:
     try:
         with ray_session(config.ray):
             result = make_trainer(plan).fit()
-    except BaseException:
+        drafter_dir = export_drafter(result.checkpoint, plan.run_dir)
+    except BaseException as error:
         _finish_mlflow_run(plan, "FAILED")
+        diverged = diverged_worker_error(error)
+        if diverged is not None:
+            raise diverged from None
         raise
-    drafter_dir = export_drafter(result, plan)
     outcome = result.return_value or {}
     summary = {
         "run_dir": plan.run_dir,
         "drafter_dir": str(drafter_dir),
         "mlflow_run_id": plan.mlflow_run_id,
-        "mlflow_tracking_uri": plan.mlflow_tracking_uri,
+        "mlflow_tracking_uri": redact(plan.mlflow_tracking_uri),
         "target_fingerprint": plan.target_fingerprint,
         "steps": plan.total_steps,
         "start_step": outcome.get("start_step"),
+        "nonfinite_steps": outcome.get("nonfinite_steps"),
         "eval": outcome.get("eval") or (result.metrics or {}),
         "engine": {key: outcome.get(key) for key in ("engine", "zero_stage", "world_size", "dtype", "device")},
         "seconds": time.perf_counter() - started,
     }
-    Path(plan.run_dir, SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    Path(plan.run_dir, SUMMARY_FILE).write_text(json.dumps(redact(summary), indent=2, default=str) + "\n")
     _finish_mlflow_run(plan, "FINISHED", drafter_dir)
     print(f"train: done in {format_duration(summary['seconds'])}; drafter {drafter_dir}; "
-          f"MLflow run {plan.mlflow_run_id} ({plan.mlflow_tracking_uri})")
+          f"MLflow run {plan.mlflow_run_id} ({summary['mlflow_tracking_uri']})")
     return {**summary, "result": outcome}
 
 
-def export_drafter(result, plan: TrainPlan) -> Path:
-    """Copy the drafter exported in the final checkpoint to run_dir/drafter."""
-    if result.checkpoint is None:
-        raise TrainSetupError(f"the run in {plan.run_dir} reported no checkpoint")
-    destination = Path(plan.run_dir, DRAFTER_DIR)
-    with result.checkpoint.as_directory() as directory:
+def diverged_worker_error(error: BaseException) -> TrainingDivergedError | None:
+    """The TrainingDivergedError a worker stopped the run with, out of Ray Train's wrapping, if that was the cause."""
+    for failure in (getattr(error, "worker_failures", None) or {}).values():
+        cause = getattr(failure, "_base_exc", failure)  # Ray Train's UserExceptionWithTraceback holds it there
+        if isinstance(cause, TrainingDivergedError):
+            return cause
+    return None
+
+
+def export_drafter(checkpoint, run_dir: str) -> Path:
+    """Copy the drafter exported in the final Ray Train checkpoint to run_dir/drafter, unless a weight is not
+    finite (then nothing is copied)."""
+    if checkpoint is None:
+        raise TrainSetupError(f"the run in {run_dir} reported no checkpoint")
+    destination = Path(run_dir, DRAFTER_DIR)
+    with checkpoint.as_directory() as directory:
         source = Path(directory, DRAFTER_DIR)
         if not source.is_dir():
             raise TrainSetupError(
-                f"the latest checkpoint of {plan.run_dir} has no exported drafter (max_steps lowered below a "
+                f"the latest checkpoint of {run_dir} has no exported drafter (max_steps lowered below a "
                 "checkpoint taken earlier?); raise max_steps or pass --fresh")
+        broken = non_finite_tensors(source)
+        if broken:
+            raise TrainingDivergedError(
+                f"the drafter of the run in {run_dir} has weights that are not finite ({', '.join(broken[:5])}), "
+                "so it was not exported; check the store for extreme values or lower optimizer.lr, then pass --fresh")
         if destination.exists():
             shutil.rmtree(destination)
         shutil.copytree(source, destination)
     return destination
+
+
+def non_finite_tensors(drafter_dir: Path) -> list[str]:
+    """Names of the saved drafter's tensors holding NaN or inf."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(drafter_dir / WEIGHTS_FILE))
+    return sorted(name for name, tensor in weights.items() if not bool(torch.isfinite(tensor).all()))
 
 
 def _finish_mlflow_run(plan: TrainPlan, status: str, drafter_dir: Path | None = None) -> None:

@@ -1,12 +1,16 @@
-"""CSGD training on Ray Train + DeepSpeed: setup errors, ZeRO-2 on 2 CPU workers, resume, export, losslessness.
+"""CSGD training on Ray Train + DeepSpeed: setup errors, ZeRO-2 on 2 CPU workers, resume, export, losslessness,
+non-finite losses, and no credentials in anything the runs write.
 
 The Ray tests share one local Ray and one run directory, in file order: the first run trains and exports, the
-second resumes it, the export is decoded with, and the last one starts the same run directory over (--fresh)
-as the k=1, CSGD-off ablation.
+second re-runs it, the resume check and the export are tested on it, a run on a store with overflowing features
+fails after its limit of non-finite steps and is resumed, and the last one starts the first run directory over
+(--fresh) as the k=1, CSGD-off ablation. Every run is given object-store credentials (fake, the store is local)
+that must not reach MLflow or any file.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import subprocess
@@ -17,24 +21,32 @@ import numpy as np
 import pytest
 import torch
 
-from falcon.drafter import load_drafter, load_drafter_config
+from falcon.drafter import WEIGHTS_FILE, load_drafter, load_drafter_config
 from falcon.generate import FalconDecoder, autoregressive_generate
 from falcon.target import load_target, target_fingerprint
 from falcon.testing import make_tiny_target
 from falcon.tree import TreeConfig
-from pipelines.config import load_section
+from feature_store import FeatureStore
+from pipelines.config import ConfigError, load_section
 from pipelines.ray_utils import RayConfig, init_ray
 from pipelines.train import (
     TrainConfig,
+    TrainingDivergedError,
     TrainSetupError,
     chain_acceptance_length,
+    committed_checkpoint,
     epoch_batches,
+    export_drafter,
     load_frozen_embedding_and_head,
     locate_embedding_and_head,
+    mlflow_params,
     prepare_run,
     run_training,
+    train_info,
+    training_windows,
 )
 from tests.store_fixtures import prompt_ids, write_target_store
+from tests.test_secrets import KEY, PASSWORD, SECRET, assert_no_secret, assert_no_secret_in_files
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "jobs" / "configs" / "tiny.yaml"
@@ -51,7 +63,9 @@ def workspace(tmp_path_factory):
 def tiny_config(workspace: Path, *overrides: str) -> TrainConfig:
     return load_section(TrainConfig, TINY_CONFIG, "train", [
         f"store={workspace / 'store'}", f"target={workspace / 'target'}", f"run_dir={workspace / 'runs' / 'tiny'}",
-        f"mlflow.tracking_uri=sqlite:///{workspace / 'mlflow.db'}", *overrides,
+        f"mlflow.tracking_uri=sqlite:///{workspace / 'mlflow.db'}",
+        f"storage_options={{key: {KEY}, secret: {SECRET}}}",  # fsspec's local filesystem ignores them
+        *overrides,
     ])
 
 
@@ -105,6 +119,8 @@ def test_setup_errors_name_the_problem(workspace, tmp_path):
         prepare_run(tiny_config(workspace, "deepspeed.micro_batch_size=64"))
     with pytest.raises(TrainSetupError, match="holds no top-k logits"):
         prepare_run(tiny_config(workspace, "csgd.teacher=topk"))
+    with pytest.raises(ConfigError, match="max_nonfinite_steps must be >= 0"):
+        tiny_config(workspace, "max_nonfinite_steps=-1")
 
 
 def test_store_of_another_target_fails_the_job_without_traceback(workspace, tmp_path):
@@ -160,14 +176,57 @@ def test_run_is_logged_to_mlflow(first_run, workspace):
     assert {"model.safetensors", "drafter_config.json"} <= artifacts
 
 
-def test_rerun_resumes_at_the_checkpointed_step_with_the_optimizer_state(first_run, workspace):
-    resumed = run_training(tiny_config(workspace, "max_steps=6", "checkpoint_every=2"))
-    outcome = resumed["result"]
-    assert outcome["start_step"] == 4 and outcome["end_step"] == 6
+def test_rerun_with_the_same_settings_resumes_the_finished_run_with_its_optimizer_state(first_run, workspace):
+    rerun = run_training(tiny_config(workspace, "max_steps=4", "checkpoint_every=2"))
+    outcome = rerun["result"]
+    assert outcome["start_step"] == outcome["end_step"] == 4
     assert outcome["resumed_optimizer_digest"] == pytest.approx(first_run["result"]["optimizer_digest"], rel=1e-12)
-    assert resumed["mlflow_run_id"] == first_run["mlflow_run_id"]
-    with pytest.raises(TrainSetupError, match="cannot be resumed"):  # another drafter in the same run_dir
-        prepare_run(tiny_config(workspace, "drafter.block_size=3"))
+    assert rerun["mlflow_run_id"] == first_run["mlflow_run_id"]
+
+
+@pytest.mark.parametrize("changed, named", [
+    ("optimizer.lr=1e-3", "optimizer.lr"), ("csgd.noise_bound=0.2", "csgd.noise_bound"), ("seed=1", "seed"),
+    ("max_steps=6", "max_steps"), ("epochs=3", "epochs"), ("drafter.block_size=3", "drafter.block_size"),
+])
+def test_resume_refuses_other_training_settings_naming_them(first_run, workspace, changed, named):
+    with pytest.raises(TrainSetupError, match="cannot be resumed") as refused:
+        prepare_run(tiny_config(workspace, "max_steps=4", "checkpoint_every=2", changed))
+    assert "checkpoint_step000000004" in str(refused.value) and f"\n  {named}: checkpoint " in str(refused.value)
+
+
+def test_settings_that_do_not_change_the_weights_resume(first_run, workspace):
+    prepare_run(tiny_config(workspace, "max_steps=4", "checkpoint_every=5", "log_every=3", "max_nonfinite_steps=0",
+                            "loader_workers=1", "mlflow.enabled=false"))
+
+
+def test_a_partial_newest_checkpoint_does_not_disable_the_resume_check(first_run, workspace):
+    run_dir = workspace / "runs" / "tiny"
+    assert committed_checkpoint(prepare_run(tiny_config(workspace, "max_steps=4", "checkpoint_every=2")))[0] == \
+        "checkpoint_step000000004"
+    # A worker killed while writing the next checkpoint: its directory exists, Ray Train never committed it.
+    partial = run_dir / "checkpoint_step000000099"
+    (partial / "engine").mkdir(parents=True)
+    try:
+        with pytest.raises(TrainSetupError, match=r"\(checkpoint_step000000004\).*\n  optimizer.lr: "):
+            prepare_run(tiny_config(workspace, "max_steps=4", "checkpoint_every=2", "optimizer.lr=1e-3"))
+        # Even if the partial one holds a plan made for the new settings.
+        new_plan = prepare_run(tiny_config(workspace, "max_steps=4", "checkpoint_every=2"), fresh=True)
+        new_plan.config.optimizer.lr = 1e-3
+        (partial / "plan.json").write_text(json.dumps({"step": 99, "resume_key": new_plan.resume_key()}))
+        with pytest.raises(TrainSetupError, match=r"\n  optimizer.lr: "):
+            prepare_run(tiny_config(workspace, "max_steps=4", "checkpoint_every=2", "optimizer.lr=1e-3"))
+    finally:
+        shutil.rmtree(partial)
+
+
+def test_params_and_train_info_hold_no_credentials(workspace):
+    plan = prepare_run(tiny_config(workspace, f"mlflow.tracking_uri=http://user:{PASSWORD}@127.0.0.1:5000",
+                                   f"run_dir={workspace / 'runs' / 'unused'}"))
+    params = mlflow_params(plan)
+    assert_no_secret(params)
+    assert_no_secret(train_info(plan, 4, {"eval/loss": 1.0}))
+    assert params["config.mlflow.tracking_uri"] == "http://127.0.0.1:5000"
+    assert params["config.optimizer.lr"] == "0.003" and not any("storage_options" in key for key in params)
 
 
 def test_exported_drafter_decodes_losslessly(first_run, workspace):
@@ -182,6 +241,117 @@ def test_exported_drafter_decodes_losslessly(first_run, workspace):
         prompt = prompt_ids(tokenizer, index)
         expected = autoregressive_generate(target, prompt, 40).tokens
         assert decoder.generate(prompt, 40).tokens == expected
+
+
+def test_a_drafter_with_non_finite_weights_is_not_exported(first_run, tmp_path):
+    from ray.train import Checkpoint
+    from safetensors.torch import load_file, save_file
+
+    drafter = tmp_path / "checkpoint" / "drafter"
+    shutil.copytree(first_run["drafter_dir"], drafter)
+    weights = load_file(str(drafter / WEIGHTS_FILE))
+    name = sorted(weights)[0]
+    weights[name].view(-1)[0] = math.nan
+    save_file(weights, str(drafter / WEIGHTS_FILE))
+    with pytest.raises(TrainingDivergedError, match=rf"not finite.*{name}"):
+        export_drafter(Checkpoint.from_directory(str(tmp_path / "checkpoint")), str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "drafter").exists()
+
+
+# -- non-finite losses: a store whose features overflow the target's LM head ------------------------------
+OVERFLOWING = 3e38  # finite, so the store takes it (it refuses NaN / inf), but the LM head teacher over it is not
+
+
+def write_overflowing_copy(source_url: Path, url: Path, poisoned: set[int], samples_per_shard: int = 6) -> None:
+    """A copy of a store (same samples, ids and tokens, so the same split and draft vocabulary) whose `poisoned`
+    samples carry features of magnitude OVERFLOWING: the CSGD loss of any batch holding them is NaN."""
+    source = FeatureStore.open(str(source_url))
+    samples = []
+    for index in range(source.num_samples):
+        sample = source.sample(index)
+        features = sample["hidden_states"].astype(np.float32)
+        if index in poisoned:
+            features = np.where(np.arange(features.shape[1]) % 2, -OVERFLOWING, OVERFLOWING) + 0 * features
+        samples.append({"sample_id": sample["sample_id"], "input_ids": sample["input_ids"],
+                        "loss_mask": sample["loss_mask"], "hidden_states": features.astype(np.float32)})
+    store = FeatureStore.create(str(url), source.metadata)
+    for shard_id, start in enumerate(range(0, len(samples), samples_per_shard)):
+        store.write_shard(shard_id, samples[start:start + samples_per_shard])
+    store.commit_manifest()
+
+
+def samples_of_steps(plan, steps) -> list[set[int]]:
+    """The samples each optimizer step reads, over all workers, as the training loop draws them."""
+    windows = training_windows(FeatureStore.open(plan.config.store), plan.train_indices, plan.config).windows[:, 0]
+    world, gas = plan.config.scaling.num_workers, plan.config.deepspeed.gradient_accumulation_steps
+    read = []
+    for step in steps:
+        epoch, within = divmod(step, plan.steps_per_epoch)
+        batches = [epoch_batches(len(windows), epoch, plan, rank, world)[within * gas:(within + 1) * gas]
+                   for rank in range(world)]
+        read.append({int(windows[w]) for rank_batches in batches for batch in rank_batches for w in batch})
+    return read
+
+
+def metric_values(tracking_uri: str, run_id: str, key: str) -> list[float]:
+    from mlflow.tracking import MlflowClient
+
+    return [m.value for m in sorted(MlflowClient(tracking_uri).get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def test_non_finite_losses_are_skipped_counted_and_stop_the_run_after_the_limit(workspace, local_ray):
+    settings = [f"run_dir={workspace / 'runs' / 'overflow'}", "max_steps=6", "checkpoint_every=2"]
+    plan = prepare_run(tiny_config(workspace, *settings))
+    read = samples_of_steps(plan, range(6))
+    # Steps 3 and 4 (1-based) read samples the first two steps do not: those are made to overflow.
+    poisoned = (read[2] | read[3]) - read[0] - read[1]
+    assert read[2] & poisoned and read[3] & poisoned
+    skipped = [step + 1 for step in range(2, 6) if read[step] & poisoned]
+    write_overflowing_copy(workspace / "store", workspace / "overflow-store", poisoned)
+    settings.append(f"store={workspace / 'overflow-store'}")
+
+    # At most 1 skipped step: step 3 is skipped, step 4 stops the run, after the checkpoint of step 2 (or of
+    # step 3 when it ends an epoch).
+    resume_step = max(step for step in (2, 3) if step % 2 == 0 or step % plan.steps_per_epoch == 0)
+    with pytest.raises(TrainingDivergedError, match=r"not finite in 2 optimizer steps .*max_nonfinite_steps 1"):
+        run_training(tiny_config(workspace, *settings, "max_nonfinite_steps=1"))
+    run_dir = workspace / "runs" / "overflow"
+    run_id = (run_dir / "mlflow_run_id").read_text().strip()
+    tracking_uri = f"sqlite:///{workspace / 'mlflow.db'}"
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient(tracking_uri).get_run(run_id).info.status == "FAILED"
+    assert metric_values(tracking_uri, run_id, "train.nonfinite_steps")[-1] == 2
+    assert not (run_dir / "drafter").exists()
+
+    # Allowed more, the same run resumes from that checkpoint and skips exactly the steps that read overflowing
+    # samples (the count so far carried in the checkpoint).
+    plan = prepare_run(tiny_config(workspace, *settings, "max_nonfinite_steps=10"))
+    checkpoint, metrics = committed_checkpoint(plan)
+    assert checkpoint == f"checkpoint_step{resume_step:09d}"
+    resumed = run_training(plan.config)
+    outcome = resumed["result"]
+    assert outcome["start_step"] == resume_step and outcome["end_step"] == 6
+    assert outcome["resumed_optimizer_digest"] == pytest.approx(metrics["optimizer_digest"], rel=1e-12)
+    assert resumed["nonfinite_steps"] == len(skipped) and outcome["nonfinite_steps"] == len(skipped)
+    assert metric_values(tracking_uri, run_id, "train.nonfinite_steps")[-1] == len(skipped)
+    assert MlflowClient(tracking_uri).get_run(run_id).info.status == "FINISHED"
+    drafter = load_drafter(resumed["drafter_dir"])
+    assert all(torch.isfinite(p).all() for p in drafter.parameters())
+    assert all(math.isfinite(record["train/loss"]) for record in outcome["history"]
+               if record["step"] not in skipped)
+
+
+def test_no_credential_reaches_mlflow_or_any_file_the_runs_wrote(first_run, workspace):
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(first_run["mlflow_tracking_uri"]).get_run(first_run["mlflow_run_id"])
+    assert_no_secret(run.data.params)
+    assert_no_secret(run.data.tags)
+    assert run.data.params["config.optimizer.lr"] == "0.003"
+    info = json.loads((Path(first_run["drafter_dir"]) / "train_info.json").read_text())
+    assert "storage_options" not in info["config"] and info["config"]["optimizer"]["lr"] == 0.003
+    assert_no_secret_in_files(workspace)  # mlflow.db, mlartifacts/, every run directory and checkpoint
 
 
 def test_fresh_restarts_the_run_directory_as_the_ablation(first_run, workspace):
