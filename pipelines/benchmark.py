@@ -85,6 +85,7 @@ class BenchmarkConfig:
     tracking_uri: str = "sqlite:///runs/mlflow.db"
     run_dir: str = "runs/benchmark"
     target: str | None = None  # None: the target the package names
+    trust_remote_code: bool = False  # import the target's own model code; never taken from the package
     device: str = "cpu"
     dtype: str = "bfloat16"
     torch_threads: int | None = None  # None: every core (Ray starts jobs with one thread)
@@ -539,7 +540,7 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
     use_torch_threads(config.torch_threads)
     tracking_uri = resolve_tracking_uri(config.tracking_uri)
     package = load_falcon(config.model, device=config.device, dtype=config.dtype, tracking_uri=tracking_uri,
-                          target=config.target)
+                          target=config.target, trust_remote_code=config.trust_remote_code)
     methods = build_methods(config, package)
 
     warmup = read_samples(config.datasets[0])[: config.warmup_prompts]
