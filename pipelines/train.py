@@ -30,22 +30,22 @@ Randomness: the noise and the glancing draw of step s on worker r come from a ge
 The drafter's initial weights come from `seed` (identical on every worker).
 
 Schedules run over the planned steps (`epochs` x steps per epoch, cut by `max_steps`): the learning rate
-(linear warm-up, then constant or cosine) and the glancing ratio lambda = lambda_max (E - e)/E + lambda_min
-with e = E x step / planned steps, which is the fractional epoch when `max_steps` does not cut the run.
+(linear warm-up, then constant or cosine) and CSGD's glancing ratio, which falls with the training progress
+p = step / planned steps (falcon.csgd.glance_ratio: 0.4 (1 - p) in the paper, 0.35 (1 - p) + 0.1 officially).
 
 Teacher: the target's top-k logits as the store keeps them, renormalised over those k tokens, when the store
 has them (`csgd.teacher: auto`); else its LM head over the stored features, a full-vocabulary matmul that
 was ~27% of a demo step on CPU (`csgd.teacher: lm_head` forces it).
 
-Evaluation (held-out split, every epoch and at the end, teacher-forced, no noise): the loss parts, top-1
-accuracy at each position j = 1..k inside the k-block (a_j: does the drafter's argmax at block position j
-equal the target's), and the expected acceptance length of a chain draft of depth D = max_passes x k,
-counting the target's bonus token:
+Evaluation (held-out split, every epoch and at the end, no noise): the loss parts, top-1 accuracy a_d at
+every depth d = 1..2k of two drafter passes (depths 1..k teacher-forced, pass 0; depths k+1..2k from pass 1,
+which reads the drafter's own outputs for the previous block as decoding feeds them, falcon.passes), and the
+expected acceptance length of a chain draft of depth D = max_passes x k, counting the target's bonus token:
 
-    tau_chain = 1 + sum_{d=1..D} prod_{i=1..d} a_{((i - 1) mod k) + 1}
+    tau_chain = 1 + sum_{d=1..D} prod_{i=1..d} a_i,   a_i for i > 2k repeating pass 1's a_{k+1..2k}
 
-It treats each depth as accepted independently with the teacher-forced accuracy of its block position, so it
-is a proxy to compare runs, not a measured speed-up (later passes read drafted, not true, inputs).
+It treats each depth as accepted independently, so it is a proxy to compare runs; the tree tuner replays the
+real decode.
 
 Non-finite losses: every worker's losses of a step are checked before any backward and the verdict is shared,
 so all workers skip the same steps (no backward, no optimizer step: NaN never reaches the weights, whatever the
@@ -630,12 +630,16 @@ def all_reduce_sum(values: dict[str, float], device) -> dict[str, float]:
     return dict(zip(names, tensor.tolist(), strict=True))
 
 
-def chain_acceptance_length(acc_by_block_position: Sequence[float], depth: int) -> float:
-    """tau_chain = 1 + sum_{d=1..depth} prod_{i<=d} a_{(i-1) mod k}: expected accepted tokens, bonus included."""
-    k = len(acc_by_block_position)
+def chain_acceptance_length(acc_by_depth: Sequence[float], depth: int, block_size: int) -> float:
+    """tau_chain = 1 + sum_{d=1..depth} prod_{i<=d} a_i: expected accepted tokens, bonus included.
+
+    acc_by_depth: top-1 at depths 1..m (m a multiple of block_size); deeper passes read the drafter's own
+    outputs like the last measured one, so depths past m repeat its last block of accuracies.
+    """
+    measured, k = len(acc_by_depth), block_size
     tau, all_accepted = 1.0, 1.0
     for d in range(depth):
-        accuracy = acc_by_block_position[d % k]
+        accuracy = acc_by_depth[d if d < measured else measured - k + (d - measured) % k]
         all_accepted *= 0.0 if math.isnan(accuracy) else accuracy
         tau += all_accepted
     return tau
@@ -667,7 +671,7 @@ def evaluate(module: Drafter, dataset, batches, plan: TrainPlan, lm_head_weight,
     result.update({f"eval/top1_pos{j + 1}": accuracy[j] for j in range(k)})
     result.update({f"eval/top1_depth_{d}": by_depth[d - 1] for d in depths})
     result["eval/top1"] = sum(totals[f"correct_{d}"] for d in depths[:k]) / positions
-    result["eval/tau_chain"] = chain_acceptance_length(accuracy, module.config.max_tree_depth)
+    result["eval/tau_chain"] = chain_acceptance_length(by_depth, module.config.max_tree_depth, k)
     result["eval/positions"] = totals["positions"]
     return result
 
@@ -717,6 +721,7 @@ class ProgressMeter:
     def restart_interval(self) -> None:
         self.sums = dict.fromkeys((*self.PARTS, "micro_batches", "tokens"), 0.0)
         self.glance_ratio: float | None = None
+        self.pass1 = dict.fromkeys(("pass1_loss", "pass1_top1", "pass1_micro_batches"), 0.0)
         self.interval_start = time.perf_counter()
 
     def discount(self, seconds: float) -> None:
@@ -730,11 +735,15 @@ class ProgressMeter:
             self.sums[name] += float(out[name].detach())
         if "glance_ratio" in out:
             self.glance_ratio = float(out["glance_ratio"])
+        if "pass1_loss" in out:  # the pass-1 objective is on (from csgd.pass1_start)
+            self.pass1["pass1_micro_batches"] += 1
+            self.pass1["pass1_loss"] += float(out["pass1_loss"])
+            self.pass1["pass1_top1"] += float(out["pass1_top1"])
 
     def flush(self, step: int, lr: float, nonfinite_steps: int) -> dict[str, float]:
         """The interval's record (a collective: every worker calls it at the same steps); its loss parts are NaN
         when every step of the interval was skipped for a non-finite loss."""
-        totals = all_reduce_sum(self.sums, self.device)
+        totals = all_reduce_sum({**self.sums, **self.pass1}, self.device)
         elapsed = time.perf_counter() - self.interval_start
         trained = totals["micro_batches"]
         record = {"step": step, "seconds": elapsed, "tokens": totals["tokens"],
@@ -743,6 +752,9 @@ class ProgressMeter:
                   **{f"train/{name}": totals[name] / trained if trained else math.nan for name in self.PARTS}}
         if self.glance_ratio is not None:
             record["train/glance_ratio"] = self.glance_ratio
+        if totals["pass1_micro_batches"]:
+            record.update({f"train/{name}": totals[name] / totals["pass1_micro_batches"]
+                           for name in ("pass1_loss", "pass1_top1")})
         self.restart_interval()
         return record
 

@@ -72,9 +72,12 @@ def tiny_config(workspace: Path, *overrides: str) -> TrainConfig:
 # -- pure pieces -----------------------------------------------------------------------------------------
 def test_chain_acceptance_length_by_hand():
     # k = 2, depth 4: 1 + a1 + a1 a2 + a1 a2 a1 + a1 a2 a1 a2
-    assert chain_acceptance_length([0.5, 0.4], 4) == pytest.approx(1 + 0.5 + 0.2 + 0.1 + 0.04)
-    assert chain_acceptance_length([1.0], 6) == 7.0
-    assert chain_acceptance_length([math.nan, 1.0], 4) == 1.0  # no data at a position counts as never accepted
+    assert chain_acceptance_length([0.5, 0.4], 4, 2) == pytest.approx(1 + 0.5 + 0.2 + 0.1 + 0.04)
+    assert chain_acceptance_length([1.0], 6, 1) == 7.0
+    assert chain_acceptance_length([math.nan, 1.0], 4, 2) == 1.0  # no data at a depth counts as never accepted
+    # depths 1..4 measured (pass 0, pass 1); depths 5, 6 repeat pass 1's 0.5, 0.5
+    products = [0.8, 0.4, 0.2, 0.1, 0.05, 0.025]
+    assert chain_acceptance_length([0.8, 0.5, 0.5, 0.5], 6, 2) == pytest.approx(1 + sum(products))
 
 
 def test_epoch_batches_partition_windows_and_depend_only_on_epoch(workspace):
