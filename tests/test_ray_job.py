@@ -87,8 +87,10 @@ def test_whole_chain_as_ray_jobs_then_the_registered_model_generates_losslessly(
         f"extract.inputs=[{tmp_path / 'prompts.jsonl'}]", f"extract.store={store}", f"extract.target={target}",
         f"extract.run_dir={tmp_path / 'extract'}", "extract.generation.max_new_tokens=24",
         f"train.store={store}", f"train.target={target}", f"train.run_dir={tmp_path / 'train'}",
-        f"train.mlflow.tracking_uri={tracking}", "train.max_steps=4", "train.eval_fraction=0.25",
+        # The split hashes prompts: 0.1 holds out 3 of these 8, leaving 5 windows for one 4-window step.
+        f"train.mlflow.tracking_uri={tracking}", "train.max_steps=4", "train.eval_fraction=0.1",
         f"package.store={store}", f"package.target={target}", f"package.run_dir={tmp_path / 'package'}",
+        "package.eval_fraction=0.1",  # the package job reads train's split from the YAML, not from --set
         f"package.drafter_dir={tmp_path / 'train' / 'drafter'}", f"package.tracking_uri={tracking}",
         "package.model_name=falcon-chain-test",
         "benchmark.model=models:/falcon-chain-test@champion", f"benchmark.tracking_uri={tracking}",
