@@ -18,7 +18,7 @@ def summarize(store: FeatureStore) -> str:
     nbytes = sum(r.nbytes for r in shards)
     raw = meta.raw_bytes_per_token()
     lines = [
-        f"store            {store.url}",
+        f"store            {store.location.redacted()}",
         f"schema_version   {meta.schema_version}",
         f"target           {meta.target_fingerprint}",
         f"tokenizer        {meta.tokenizer}",

@@ -79,8 +79,9 @@ def ensure_owner(location: Location, owner: str, action: str) -> None:
     if (holder or {}).get("owner") != owner:
         now = describe_holder(holder) if holder else "nobody"
         raise StoreLockedError(
-            f"this job no longer holds the writer lock {location.path(LOCK_FILE)} (it names {now}), so it does "
-            f"not {action}: another job took the store over; let that job finish, then run this one again"
+            f"this job no longer holds the writer lock {location.redacted(LOCK_FILE)} (it names {now}), so "
+            f"it does not {action}: another job took the store over; let that job finish, then run this one "
+            "again"
         )
 
 
@@ -131,10 +132,12 @@ class WriterLock:
             reason = stale_reason(holder, self.stale_after_s)
             if reason is None:
                 raise StoreLockedError(self._held_message(holder))
-            log.warning("breaking the stale writer lock %s of %s: %s", self.path, describe_holder(holder), reason)
+            log.warning("breaking the stale writer lock %s of %s: %s", self.location.redacted(LOCK_FILE),
+                        describe_holder(holder), reason)
             if lock_holder(self.location) == holder:  # not already replaced by a writer that broke it first
                 self.location.remove(self.path)
-        raise StoreLockedError(f"could not take the writer lock {self.path}: other writers kept taking it")
+        raise StoreLockedError(f"could not take the writer lock {self.location.redacted(LOCK_FILE)}: "
+                               "other writers kept taking it")
 
     def holds(self) -> bool:
         return (lock_holder(self.location) or {}).get("owner") == self.owner
@@ -155,10 +158,11 @@ class WriterLock:
 
     def _held_message(self, holder: dict[str, Any]) -> str:
         return (
-            f"feature store at {self.location.url} is being written by another job: {describe_holder(holder)}. "
-            "Wait for it to finish. The lock of a writer that died is stale and broken by the next writer: at "
-            f"once on the same host, after {self.stale_after_s:g} s without a heartbeat from another host; if "
-            f"you are sure no writer is running, delete {self.path}"
+            f"feature store at {self.location.redacted()} is being written by another job: "
+            f"{describe_holder(holder)}. Wait for it to finish. The lock of a writer that died is stale and "
+            f"broken by the next writer: at once on the same host, after {self.stale_after_s:g} s without a "
+            f"heartbeat from another host; if you are sure no writer is running, delete "
+            f"{self.location.redacted(LOCK_FILE)}"
         )
 
     def _start_heartbeat(self) -> None:
@@ -170,8 +174,10 @@ class WriterLock:
         while not self._stop.wait(self.stale_after_s / 4):
             try:
                 if not self.holds():
-                    log.error("lost the writer lock %s; this job's shard commits will be refused", self.path)
+                    log.error("lost the writer lock %s; this job's shard commits will be refused",
+                              self.location.redacted(LOCK_FILE))
                     return
                 self.location.write_bytes(self.path, self._content())
             except Exception as exc:  # any storage error (network, throttling): the next beat retries
-                log.warning("writer lock heartbeat of %s failed: %s: %s", self.path, type(exc).__name__, exc)
+                log.warning("writer lock heartbeat of %s failed: %s: %s", self.location.redacted(LOCK_FILE),
+                            type(exc).__name__, exc)

@@ -202,10 +202,9 @@ def partial_shard_names(location: Location, scan: ShardScan) -> list[str]:
 
 def _remove_leftovers(location: Location, name: str) -> None:
     """Delete what earlier, killed attempts at this shard left behind."""
-    shards_dir = location.path(SHARDS_DIR)
-    for entry in location.list_names(shards_dir):
+    for entry in location.list_names(location.path(SHARDS_DIR)):
         if entry == name or entry.startswith(f"{TMP_PREFIX}{name}-"):
-            log.info("removing partial shard %s/%s", shards_dir, entry)
+            log.info("removing partial shard %s", location.redacted(SHARDS_DIR, entry))
             location.remove(location.path(SHARDS_DIR, entry))
 
 

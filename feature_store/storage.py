@@ -18,6 +18,8 @@ import fsspec
 import zarr
 from fsspec.implementations.local import LocalFileSystem
 
+from pipelines.tracking import redact_text
+
 
 class Location:
     """An fsspec filesystem plus the store's root path inside it."""
@@ -31,6 +33,11 @@ class Location:
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
+
+    def redacted(self, *parts: str) -> str:
+        """The URL (joined with `parts`) as messages and logs show it: no `user:password@`, no secret query
+        values. Built from the URL, not `path()`: fsspec may keep credentials in the root, scheme stripped."""
+        return "/".join([redact_text(self.url).rstrip("/"), *parts])
 
     def exists(self, path: str) -> bool:
         return self.fs.exists(path)

@@ -112,7 +112,7 @@ class FeatureStore:
         self._set_view(self._scan())
         for name, reason in self.ignored.items():
             log.warning("feature store %s: %s is not committed: %s; an extraction run writes it again",
-                        location.url, name, reason)
+                        location.redacted(), name, reason)
 
     @classmethod
     def create(
@@ -127,12 +127,13 @@ class FeatureStore:
         location = Location(url, storage_options)
         if location.exists(location.path(METADATA_FILE)):
             if not exist_ok:
-                raise FileExistsError(f"a feature store already exists at {url}")
+                raise FileExistsError(f"a feature store already exists at {location.redacted()}")
             existing = read_metadata(location)
             differences = existing.differences(metadata)
             if differences:
                 raise StoreMismatchError(
-                    f"feature store at {url} was created with different metadata (stored != requested):\n  "
+                    f"feature store at {location.redacted()} was created with different metadata "
+                    "(stored != requested):\n  "
                     + "\n  ".join(differences)
                     + "\nwrite to a new store URL, or delete this store to re-extract"
                 )
@@ -159,7 +160,8 @@ class FeatureStore:
         return self.location.url
 
     def __repr__(self) -> str:
-        return f"FeatureStore({self.url!r}, shards={len(self._shards)}, samples={self.num_samples})"
+        shown = self.location.redacted()
+        return f"FeatureStore({shown!r}, shards={len(self._shards)}, samples={self.num_samples})"
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -194,7 +196,8 @@ class FeatureStore:
             current = None
         if current != self.metadata.store_id:
             raise StoreMismatchError(
-                f"feature store at {self.url} was deleted or re-created (store_id {self.metadata.store_id} -> "
+                f"feature store at {self.location.redacted()} was deleted or re-created (store_id "
+                f"{self.metadata.store_id} -> "
                 f"{current}) while this writer ran, so it does not {action}: the new store is another job's"
             )
         if self.writer_owner is not None:
@@ -225,7 +228,7 @@ class FeatureStore:
             return None
         except pa.ArrowException as exc:
             log.warning("feature store %s: %s is unreadable (%s); rebuilding it from the shard commit records",
-                        self.url, MANIFEST_FILE, exc)
+                        self.location.redacted(), MANIFEST_FILE, exc)
             return self._write_manifest(self._scan().records)
 
     def remove_partial_shards(self) -> list[str]:
@@ -429,12 +432,13 @@ def read_metadata(location: Location, expect_fingerprint: str | None = None) -> 
     try:
         values = location.read_json(location.path(METADATA_FILE))
     except FileNotFoundError:
-        raise FileNotFoundError(f"no feature store at {location.url} (no {METADATA_FILE})") from None
-    metadata = StoreMetadata.from_dict(values, where=f"feature store at {location.url}")
+        raise FileNotFoundError(f"no feature store at {location.redacted()} (no {METADATA_FILE})") from None
+    metadata = StoreMetadata.from_dict(values, where=f"feature store at {location.redacted()}")
     if expect_fingerprint is not None and metadata.target_fingerprint != expect_fingerprint:
         raise StoreMismatchError(
-            f"feature store at {location.url} holds features of target {metadata.target_fingerprint!r}, "
-            f"but target {expect_fingerprint!r} was expected; extract features for this target into a new store"
+            f"feature store at {location.redacted()} holds features of target "
+            f"{metadata.target_fingerprint!r}, but target {expect_fingerprint!r} was expected; extract "
+            "features for this target into a new store"
         )
     return metadata
 

@@ -16,6 +16,7 @@ import pytest
 from test_feature_store import make_metadata, make_samples
 
 from feature_store.lock import LOCK_FILE, StoreLockedError, WriterLock
+from feature_store.schema import StoreMismatchError
 from feature_store.storage import Location
 from feature_store.store import FeatureStore
 
@@ -115,3 +116,41 @@ def test_a_writer_that_lost_its_lock_cannot_commit(url):
     finally:
         lock.release()
     assert Location(url).read_json(Location(url).path(LOCK_FILE))["owner"] == "someone-else"  # not ours to delete
+
+
+def test_lock_and_store_errors_never_show_url_credentials(caplog):
+    name = f"lock-test-{uuid.uuid4().hex}"
+    url, shown = f"memory://writer:pa55word@{name}/store?sig=t0ps3cr3t", f"memory://{name}/store?sig=***"
+    store = FeatureStore.create(url, make_metadata())
+    messages = []
+    lock = WriterLock(store.location).acquire()
+    try:
+        with pytest.raises(StoreLockedError) as held:
+            WriterLock(Location(url)).acquire()
+        messages.append(str(held.value))
+        store.writer_owner = lock.owner
+        write_lock_file(url)
+        with pytest.raises(StoreLockedError) as lost:
+            store.write_shard(0, make_samples(0))
+        messages.append(str(lost.value))
+    finally:
+        lock.release()
+    for refused in (lambda: FeatureStore.open(url, expect_fingerprint="another-target"),
+                    lambda: FeatureStore.create(url, make_metadata(topk=0)),
+                    lambda: FeatureStore.open(url.replace("/store", "/nothing-here"))):
+        with pytest.raises((StoreMismatchError, FileNotFoundError)) as error:
+            refused()
+        messages.append(str(error.value))
+    Location(url).write_json(Location(url).path("store.json"), {})  # re-created by another job, say
+    with pytest.raises((StoreMismatchError, ValueError)) as recreated:
+        store.check_writer("write shard 1")
+    messages.append(str(recreated.value))
+    messages.append(repr(store))
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.rm(root.rsplit("/", 1)[0], recursive=True)
+
+    assert len(messages) == 7
+    for message in messages:
+        assert "pa55word" not in message and "t0ps3cr3t" not in message, message
+        assert shown in message or shown.replace("/store", "/nothing-here") in message, message
+    assert "pa55word" not in caplog.text and "t0ps3cr3t" not in caplog.text
