@@ -19,7 +19,8 @@ Commit protocol. A shard counts as written only when its `COMMITTED.json` exists
 this store's `store_id`; readers, the manifest and `committed_shards()` ignore anything else. A
 commit record that is damaged, or names another store (written by a writer that outlived a re-create
 of the store at the same URL), is reported by shard name (`ShardScan.ignored`) and its shard is
-rewritten by the next extraction run.
+rewritten by the next extraction run. So is a committed shard whose data no longer matches its checksums
+(`check_shard`): the run removes it, commit record first (`remove_shard`), and writes it again.
 - Local disk: the shard is written under `shards/.tmp-shard-00042-<uuid>/`, the commit record is
   written last inside it, everything is fsync'ed, and one `os.rename` makes the whole directory
   visible as `shards/shard-00042/`. A crash leaves only a `.tmp-` directory.
@@ -47,6 +48,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from tqdm.auto import tqdm
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from feature_store.schema import SCHEMA_VERSION, StoreMetadata, normalize_samples
@@ -198,6 +200,47 @@ def partial_shard_names(location: Location, scan: ShardScan) -> list[str]:
     return [
         n for n in names if n not in known and (n.startswith(TMP_PREFIX) or parse_shard_name(n) is not None)
     ]
+
+
+def check_shard(location: Location, metadata: StoreMetadata, record: ShardRecord) -> str | None:
+    """Re-read a committed shard and recompute its checksums: None if its data matches its record, else what
+    is wrong. Reads every byte, streamed."""
+    computed: dict[str, str] = {}
+    reading = "its zarr group"  # named in the problem, so that a reader of the report knows what broke
+    try:
+        group = zarr.open_group(location.zarr_store(location.path(SHARDS_DIR, record.name), read_only=True),
+                                mode="r")
+        reading = "sample_ids"
+        computed["sample_ids"] = sample_ids_checksum(group["sample_ids"][...].tolist())
+        for reading in ("offsets", *metadata.token_arrays()):
+            array = group[reading]
+            rows = array.chunks[0] * 16  # stream: a shard's hidden states may not fit in memory
+            blocks = (array[i : i + rows] for i in range(0, array.shape[0], rows))
+            computed[reading] = array_checksum(reading, np.dtype(array.dtype), array.shape, blocks)
+    except Exception as exc:  # damaged data fails in many ways (crc, codec, missing key); all mean corrupt
+        return f"{reading} unreadable: {type(exc).__name__}: {exc}"
+    bad = [name for name in CHECKSUM_ORDER if computed.get(name) != record.array_checksums.get(name)]
+    if bad:
+        return f"checksum mismatch in {', '.join(bad)}"
+    if shard_checksum(computed) != record.checksum:
+        return "shard checksum differs from the commit record"
+    return None
+
+
+def corrupt_shards(
+    location: Location, metadata: StoreMetadata, records: Sequence[ShardRecord]
+) -> dict[str, str]:
+    """Shard name -> what is wrong with its data, for each of `records` that fails `check_shard`."""
+    checked = tqdm(records, desc="verify", unit="shard")
+    problems = {record.name: check_shard(location, metadata, record) for record in checked}
+    return {name: problem for name, problem in problems.items() if problem is not None}
+
+
+def remove_shard(location: Location, name: str) -> None:
+    """Delete a committed shard, its commit record first: a crash midway leaves a partial shard, which readers
+    ignore and the next writer of that shard deletes."""
+    location.remove(location.path(SHARDS_DIR, name, COMMIT_FILE))
+    location.remove(location.path(SHARDS_DIR, name))
 
 
 def _remove_leftovers(location: Location, name: str) -> None:

@@ -37,15 +37,13 @@ from tqdm.auto import tqdm
 from feature_store.lock import LOCK_FILE, ensure_owner
 from feature_store.schema import StoreMetadata, StoreMismatchError, decode_hidden
 from feature_store.shard import (
-    CHECKSUM_ORDER,
     SHARDS_DIR,
     ShardRecord,
     ShardScan,
-    array_checksum,
+    corrupt_shards,
     partial_shard_names,
-    sample_ids_checksum,
+    remove_shard,
     scan_shards,
-    shard_checksum,
     write_shard,
 )
 from feature_store.storage import Location
@@ -231,6 +229,18 @@ class FeatureStore:
                         self.location.redacted(), MANIFEST_FILE, exc)
             return self._write_manifest(self._scan().records)
 
+    def remove_corrupt_shards(self) -> dict[str, str]:
+        """Check every committed shard's data as `verify` does and delete the corrupt ones, for the writer to
+        write them again; returns shard name -> what was wrong. Call it holding the writer lock."""
+        corrupt = corrupt_shards(self.location, self.metadata, self._scan().records)
+        for name, problem in corrupt.items():
+            self.check_writer(f"remove the corrupt shard {name}")
+            log.warning("feature store %s: %s is corrupt (%s); removing it to write it again",
+                        self.location.redacted(), name, problem)
+            remove_shard(self.location, name)
+        self._set_view(self._scan())
+        return corrupt
+
     def remove_partial_shards(self) -> list[str]:
         """Delete leftovers of killed writers and `ignored` shards, only while no writer runs; returns the names."""
         scan = self._scan()
@@ -389,42 +399,17 @@ class FeatureStore:
         records = scan.records
         manifest = self.read_manifest()
         listed = {row["name"]: row for row in manifest.to_pylist()} if manifest is not None else {}
-        report = VerifyReport(ignored=scan.ignored, partial=partial_shard_names(self.location, scan))
-        for record in tqdm(records, desc="verify", unit="shard"):
-            report.checked.append(record.name)
-            problem = self._check_shard(record)
-            if (
-                problem is None
-                and record.name in listed
-                and listed[record.name]["checksum"] != record.checksum
-            ):
+        report = VerifyReport(checked=[r.name for r in records],
+                              corrupt=corrupt_shards(self.location, self.metadata, records),
+                              ignored=scan.ignored, partial=partial_shard_names(self.location, scan))
+        for record in records:
+            if record.name in listed and listed[record.name]["checksum"] != record.checksum:
                 problem = f"{MANIFEST_FILE} checksum differs from the commit record"
-            if problem is not None:
-                report.corrupt[record.name] = problem
+                report.corrupt.setdefault(record.name, problem)
         committed = {r.name for r in records}
         report.missing = sorted(set(listed) - committed - set(scan.ignored))
         report.unlisted = sorted(committed - set(listed))
         return report
-
-    def _check_shard(self, record: ShardRecord) -> str | None:
-        path = self.location.path(SHARDS_DIR, record.name)
-        computed: dict[str, str] = {}
-        try:
-            group = zarr.open_group(self.location.zarr_store(path, read_only=True), mode="r")
-            computed["sample_ids"] = sample_ids_checksum(group["sample_ids"][...].tolist())
-            for name in ("offsets", *self.metadata.token_arrays()):
-                array = group[name]
-                rows = array.chunks[0] * 16  # stream: a shard's hidden states may not fit in memory
-                blocks = (array[i : i + rows] for i in range(0, array.shape[0], rows))
-                computed[name] = array_checksum(name, np.dtype(array.dtype), array.shape, blocks)
-        except Exception as exc:  # damaged data fails in many ways (crc, codec, missing key); all mean corrupt
-            return f"unreadable: {type(exc).__name__}: {exc}"
-        bad = [name for name in CHECKSUM_ORDER if computed.get(name) != record.array_checksums.get(name)]
-        if bad:
-            return f"checksum mismatch in {', '.join(bad)}"
-        if shard_checksum(computed) != record.checksum:
-            return "shard checksum differs from the commit record"
-        return None
 
 
 def read_metadata(location: Location, expect_fingerprint: str | None = None) -> StoreMetadata:

@@ -265,6 +265,35 @@ def test_a_truncated_commit_record_is_reported_and_the_shard_extracted_again(ref
     assert resumed.verify().ok
 
 
+def damage_bytes(path: Path) -> None:
+    """Overwrite 16 bytes in the middle of a file, as a bad disk sector or a torn copy would."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 16] = bytes(255 - b for b in data[middle : middle + 16])
+    path.write_bytes(bytes(data))
+
+
+def test_a_committed_shard_with_corrupt_data_is_named_removed_and_extracted_again(reference_run, workdir, capsys):
+    reference_cfg, _ = reference_run
+    store = workdir / "store-corrupt"
+    shutil.copytree(reference_cfg.store, store)
+    chunk_files = sorted((store / "shards" / "shard-00001" / "hidden_states").rglob("c/*/*"))
+    assert chunk_files, "the hidden states of shard-00001 must be in a chunk file"
+    damage_bytes(chunk_files[0])  # its COMMITTED.json stays intact
+    assert not FeatureStore.open(str(store)).verify().ok
+    cfg = make_config(reference_cfg.target, reference_cfg.inputs[0], store, workdir / "run-corrupt")
+    n_shards = len(FeatureStore.open(reference_cfg.store).shards)
+
+    capsys.readouterr()
+    summary = run(cfg)
+    assert summary["shards_written"] == 1 and summary["shards_skipped"] == n_shards - 1
+    assert list(summary["shards_corrupt"]) == ["shard-00001"]
+    assert "shard-00001" in capsys.readouterr().out  # the printed summary names it
+    resumed, reference = FeatureStore.open(cfg.store), FeatureStore.open(reference_cfg.store)
+    assert resumed.read_manifest().to_pylist() == reference.read_manifest().to_pylist()  # incl. checksums
+    assert resumed.verify().ok and not resumed.verify().partial
+
+
 def test_a_second_job_on_a_locked_store_is_refused_with_a_clear_message(reference_run, workdir, capsys):
     reference_cfg, _ = reference_run
     cfg = make_config(reference_cfg.target, reference_cfg.inputs[0], workdir / "store-locked", workdir / "run-locked")

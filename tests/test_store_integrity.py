@@ -92,6 +92,28 @@ def test_a_truncated_commit_record_is_reported_and_its_shard_written_again(tmp_p
     assert rerun.verify().ok and not rerun.ignored
 
 
+def test_committed_shards_with_corrupt_data_are_named_removed_and_written_again(tmp_path, caplog):
+    clean = write_missing_shards(str(tmp_path / "clean"), n_shards=4)
+    url = tmp_path / "store"
+    write_missing_shards(str(url), n_shards=4)
+    truncate(url / "shards" / "shard-00001" / "hidden_states" / "c" / "0" / "0", keep=300)  # a torn chunk file
+    shutil.rmtree(url / "shards" / "shard-00002" / "topk_indices")  # an array gone; both commit records intact
+    store = FeatureStore.open(str(url))
+    assert store.committed_shards() == {0, 1, 2, 3}  # the commit records alone cannot tell
+
+    with caplog.at_level(logging.WARNING):
+        corrupt = store.remove_corrupt_shards()
+    assert sorted(corrupt) == ["shard-00001", "shard-00002"] and "topk_indices" in corrupt["shard-00002"]
+    assert "shard-00001" in caplog.text and "shard-00002" in caplog.text
+    assert store.committed_shards() == {0, 3} and [r.shard_id for r in store.shards] == [0, 3]
+    assert sorted(p.name for p in (url / "shards").iterdir()) == ["shard-00000", "shard-00003"]
+    assert store.remove_corrupt_shards() == {}  # the good shards stay
+
+    rerun = write_missing_shards(str(url), n_shards=4)  # what the extraction run does next
+    assert checksums(rerun) == checksums(clean)
+    assert rerun.verify().ok
+
+
 def test_a_damaged_manifest_is_rebuilt_with_a_warning(tmp_path, caplog):
     url = tmp_path / "store"
     store = write_missing_shards(str(url), n_shards=3)
