@@ -35,6 +35,7 @@ import ray.data
 import torch
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
+from ray.exceptions import RayTaskError
 from tqdm.auto import tqdm
 
 from falcon.generate import SamplingConfig, autoregressive_generate
@@ -681,7 +682,8 @@ def run(cfg: ExtractConfig, *, fresh: bool = False) -> dict[str, Any]:
             results = write_features(build_pipeline(rows, cfg, store, tokenizer, generate), cfg, store) if rows else []
             store.check_writer("write the manifest")
         except (StoreLockedError, StoreMismatchError) as exc:  # another job took the store over meanwhile
-            raise ExtractError(str(exc)) from None
+            # Raised in a shard writer it arrives wrapped by Ray, whose str() is the whole worker traceback.
+            raise ExtractError(str(exc.cause if isinstance(exc, RayTaskError) else exc)) from None
         store.commit_manifest()
     for result in results:
         for entry in result.get("rejects", []):

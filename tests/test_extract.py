@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -308,6 +309,37 @@ def test_a_second_job_on_a_locked_store_is_refused_with_a_clear_message(referenc
     finally:
         first_job.release()
     assert not (Path(cfg.store) / "store.json").exists()  # the refused job wrote nothing
+
+
+def steal_lock_after_first_commit(store: Path, stop: threading.Event) -> None:
+    """What another job does that deleted a live lock by hand: take the store over once a shard is committed."""
+    while not stop.is_set() and not list((store / "shards").glob("shard-*/COMMITTED.json")):
+        time.sleep(0.01)
+    if not stop.is_set():
+        holder = {"owner": "the-other-job", "host": "other-host", "pid": 1, "created": time.time(),
+                  "heartbeat": time.time()}
+        Location(str(store)).write_json(str(store / LOCK_FILE), holder)
+
+
+def test_a_lock_lost_inside_a_shard_writer_fails_the_job_with_one_clear_line(local_ray, workdir, target_dir, inputs,
+                                                                             capsys):
+    cfg = make_config(target_dir, inputs[0], workdir / "store-stolen", workdir / "run-stolen")
+    stop = threading.Event()
+    thief = threading.Thread(target=steal_lock_after_first_commit, args=(Path(cfg.store), stop), daemon=True)
+    thief.start()
+    capsys.readouterr()
+    try:
+        code = extract_main(["--config", str(TINY_CONFIG), *cli_overrides(cfg)])
+    finally:
+        stop.set()
+        thief.join()
+    err = capsys.readouterr().err
+    error_lines = [line for line in err.splitlines() if line.startswith("extract_features: error:")]
+    assert code == 1 and len(error_lines) == 1, err
+    assert "no longer holds the writer lock" in error_lines[0] and "the-other-job" in error_lines[0]
+    assert "write shard" in error_lines[0]  # refused inside a Ray shard writer, not by the driver's last check
+    assert "Traceback" not in error_lines[0] and "RayTaskError" not in error_lines[0]
+    assert FeatureStore.open(cfg.store).committed_shards()  # the shards committed before the take-over stay
 
 
 def test_fresh_recreates_the_store_under_the_jobs_lock(reference_run, workdir):
