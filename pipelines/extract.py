@@ -690,15 +690,15 @@ def run(cfg: ExtractConfig, *, fresh: bool = False) -> dict[str, Any]:
             rejects.reject(entry.pop("reason"), raw=entry.pop("raw"), detail=entry.pop("detail"), **entry)
         for note, count in result.get("notes", {}).items():
             rejects.merge({note: count})
-    summary = summarise(cfg, store, target, results, n_skipped, corrupt, rejects,
-                        time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    summary = summarise(cfg, store, target, results, n_skipped, rejects, elapsed, corrupt)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(format_summary(summary, rejects))
     return summary
 
 
-def summarise(cfg, store: FeatureStore, target, results, n_skipped, corrupt, rejects: RejectCounter,
-              elapsed) -> dict:
+def summarise(cfg, store: FeatureStore, target, results, n_skipped, rejects: RejectCounter, elapsed,
+              corrupt: Mapping[str, str] | None = None) -> dict:
     def total(key: str) -> int:
         return sum(int(r.get(key, 0)) for r in results)
 
@@ -710,7 +710,7 @@ def summarise(cfg, store: FeatureStore, target, results, n_skipped, corrupt, rej
         "target": target,
         "elapsed_s": round(elapsed, 2),
         "shards_skipped": n_skipped,
-        "shards_corrupt": corrupt,  # shard name -> what was wrong; removed and extracted again
+        "shards_corrupt": dict(corrupt or {}),  # shard name -> what was wrong; removed and extracted again
         "shards_written": sum(r["n_samples"] > 0 for r in results),
         "samples_written": total("n_samples"),
         "tokens_written": total("n_tokens"),
