@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import random
 import sys
 import time
@@ -61,6 +62,9 @@ from pipelines.tracking import redact
 GENERATED_DIR = "generated"
 TARGET_DTYPES = ("float32", "bfloat16", "float16")
 LOGITS_CHUNK_BYTES = 1 << 26  # float32 logits computed at once per sample (64 MiB)
+
+
+log = logging.getLogger(__name__)
 
 
 class ExtractError(RuntimeError):
@@ -245,13 +249,35 @@ def generation_cache_path(location: Location, shard_id: int) -> str:
 
 
 def read_generation_cache(location: Location, shard_id: int) -> dict[str, list[int]] | None:
-    """{sample id: generated token ids} of a shard whose replies were all generated before, else None."""
+    """{sample id: generated token ids} of a shard whose replies were all generated before, else None.
+
+    A damaged cache is only lost work, not lost data: it is reported and the replies are generated again.
+    """
+    path = generation_cache_path(location, shard_id)
     try:
-        data = location.fs.cat_file(generation_cache_path(location, shard_id))
+        data = location.fs.cat_file(path)
     except FileNotFoundError:
         return None
-    entries = [json.loads(line) for line in data.splitlines() if line.strip()]
-    return {entry["id"]: entry["generated_ids"] for entry in entries}
+    try:
+        entries = [json.loads(line) for line in data.splitlines() if line.strip()]
+        return {_cached_id(entry): _cached_reply(entry) for entry in entries}
+    except (ValueError, TypeError, KeyError) as exc:
+        log.warning("damaged reply cache %s (%s: %s): its replies are generated again",
+                    location.redacted(GENERATED_DIR, f"{shard_name(shard_id)}.jsonl"), type(exc).__name__, exc)
+        return None
+
+
+def _cached_id(entry: dict[str, Any]) -> str:
+    if not isinstance(entry["id"], str):
+        raise TypeError(f"id {entry['id']!r} is not a string")
+    return entry["id"]
+
+
+def _cached_reply(entry: dict[str, Any]) -> list[int]:
+    reply = entry["generated_ids"]
+    if not isinstance(reply, list) or not all(isinstance(token, int) for token in reply):
+        raise TypeError(f"generated_ids of {entry['id']!r} is not a list of token ids")
+    return reply
 
 
 def record_seed(seed: int, sample_id: str) -> int:
@@ -681,8 +707,8 @@ def run(cfg: ExtractConfig, *, fresh: bool = False) -> dict[str, Any]:
         try:
             results = write_features(build_pipeline(rows, cfg, store, tokenizer, generate), cfg, store) if rows else []
             store.check_writer("write the manifest")
-        except (StoreLockedError, StoreMismatchError) as exc:  # another job took the store over meanwhile
-            # Raised in a shard writer it arrives wrapped by Ray, whose str() is the whole worker traceback.
+        except (StoreLockedError, StoreMismatchError, ExtractError) as exc:  # e.g. another job took the store
+            # Raised in an actor or a shard writer it arrives wrapped by Ray, whose str() is the worker traceback.
             raise ExtractError(str(exc.cause if isinstance(exc, RayTaskError) else exc)) from None
         store.commit_manifest()
     for result in results:

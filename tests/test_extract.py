@@ -266,6 +266,24 @@ def test_a_truncated_commit_record_is_reported_and_the_shard_extracted_again(ref
     assert resumed.verify().ok
 
 
+def test_a_damaged_reply_cache_is_reported_and_its_replies_generated_again(reference_run, workdir, caplog):
+    reference_cfg, _ = reference_run
+    store = workdir / "store-damaged-cache"
+    shutil.copytree(reference_cfg.store, store)
+    record = store / "shards" / "shard-00001" / "COMMITTED.json"
+    record.write_bytes(record.read_bytes()[:50])  # shard 1 must be extracted again, from its reply cache
+    cache = store / "generated" / "shard-00001.jsonl"
+    cache.write_bytes(cache.read_bytes()[: len(cache.read_bytes()) // 2])  # torn mid-line
+    cfg = make_config(reference_cfg.target, reference_cfg.inputs[0], store, workdir / "run-damaged-cache")
+
+    summary = run(cfg)
+    assert "damaged reply cache" in caplog.text and "shard-00001.jsonl" in caplog.text
+    assert summary["shards_written"] == 1 and summary["replies_from_cache"] == 0 and summary["replies_generated"] > 0
+    resumed, reference = FeatureStore.open(cfg.store), FeatureStore.open(reference_cfg.store)
+    assert resumed.read_manifest().to_pylist() == reference.read_manifest().to_pylist()
+    assert resumed.verify().ok
+
+
 def damage_bytes(path: Path) -> None:
     """Overwrite 16 bytes in the middle of a file, as a bad disk sector or a torn copy would."""
     data = bytearray(path.read_bytes())
