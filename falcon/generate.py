@@ -3,7 +3,7 @@
 One decoding step (batch 1):
   1. draft:  the drafter reads the target features it has not seen yet, then runs its passes over the tree,
              k tokens per pass and branch (with lookup on, a chain of tokens copied from the context is
-             added under the root);
+             added under the root; on a long match the chain alone is verified, without a drafter pass);
   2. verify: the target runs root + tree in ONE forward with tree attention over its KV cache;
   3. accept: the longest path the target agrees with (greedy), or the path speculative sampling keeps,
              plus one token from the target itself (the bonus token);
@@ -22,7 +22,7 @@ import torch
 from transformers import DynamicCache
 
 from falcon.drafter import Drafter, check_drafter_matches, relaxed_causal_mask
-from falcon.lookup import LookupConfig, NgramIndex
+from falcon.lookup import NO_PROPOSAL, LookupConfig, NgramIndex
 from falcon.tree import Tree, TreeConfig, build_tree, tree_attention_mask, with_chain
 
 
@@ -45,6 +45,7 @@ class StepStats:
     draft_s: float
     verify_s: float
     total_s: float
+    chain: int = 0  # of the drafted tokens, those of the lookup chain (all of them on a chain-only step)
 
 
 @dataclass
@@ -289,7 +290,8 @@ class FalconDecoder:
     """A target, a drafter and a tree, checked once against each other; `generate` runs the decode loop.
 
     With `lookup` on, a step whose context repeats its last n-gram also verifies the tokens that followed
-    that n-gram before, as a chain under the root beside the drafter's tree (falcon.lookup).
+    that n-gram before, as a chain under the root beside the drafter's tree; once the match is long enough
+    (lookup.chain_only_match), the chain alone, without a drafter pass (falcon.lookup).
     """
 
     def __init__(self, target, drafter: Drafter, tree: TreeConfig | list | Tree, target_fingerprint: str | None = None,
@@ -313,8 +315,17 @@ class FalconDecoder:
             )
         self.target, self.drafter, self.tree = target, drafter.eval(), tree
         self.lookup = lookup or LookupConfig()
-        self.trees = [with_chain(tree, n) for n in range(self.lookup.num_tokens + 1)]  # by lookup chain length
-        self.root_only = build_tree(TreeConfig(paths=[]), drafter.config.block_size, device=device)
+        root_only = build_tree(TreeConfig(paths=[]), drafter.config.block_size, device=device)
+        chain_lengths = range(self.lookup.max_tokens + 1)
+        self.trees = [with_chain(tree, n) for n in chain_lengths]  # by lookup chain length
+        self.chain_trees = [with_chain(root_only, n) for n in chain_lengths]  # no drafter pass: the chain alone
+
+    def _step_tree(self, context: NgramIndex | None, length: int) -> tuple[Tree, list[int]]:
+        """The tree this step verifies and the lookup chain in it. Without a full block to draft from (length < k)
+        or on a long match, the drafter is not run."""
+        proposal = context.propose() if context is not None else NO_PROPOSAL
+        drafts = length >= self.drafter.config.block_size and not proposal.chain_only
+        return (self.trees if drafts else self.chain_trees)[len(proposal.tokens)], proposal.tokens
 
     @torch.inference_mode()
     def generate(self, input_ids, max_new_tokens: int, eos_token_id=None,
@@ -323,7 +334,6 @@ class FalconDecoder:
         sampling = sampling or SamplingConfig()
         input_ids = _check_prompt(input_ids).to(target.device)
         eos, generator, device = _as_set(eos_token_id), _generator(sampling), target.device
-        k = drafter.config.block_size
         start = time.perf_counter()
 
         cache = DynamicCache()
@@ -340,11 +350,7 @@ class FalconDecoder:
         steps: list[StepStats] = []
         while not done:
             step_start = time.perf_counter()
-            if length < k:  # no full block to draft from: the tree is just the root
-                tree, continuation = self.root_only, []
-            else:
-                continuation = context.continuation() if context is not None else []
-                tree = self.trees[len(continuation)]
+            tree, continuation = self._step_tree(context, length)
             if tree.paths:
                 node_tokens = draft_tree(drafter, tree, state, length)
             else:
@@ -379,6 +385,6 @@ class FalconDecoder:
             steps.append(StepStats(
                 drafted=tree.num_nodes, accepted=len(path) - 1, depth=tree.max_path_length,
                 draft_s=draft_end - step_start, verify_s=verify_end - draft_end,
-                total_s=time.perf_counter() - step_start,
+                total_s=time.perf_counter() - step_start, chain=tree.chain_length,
             ))
         return GenerationResult(tokens, prefill_s, time.perf_counter() - start, steps)

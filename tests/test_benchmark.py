@@ -72,7 +72,8 @@ def test_report_covers_every_method_and_dataset_and_is_lossless(workspace):
     assert set(report["results"]) == {"mt_bench", "code"}
     mt = report["results"]["mt_bench"]
     assert set(mt["methods"]) == {"autoregressive", "falcon", "falcon-drafter-only", "hf_generate", "prompt_lookup", "k1"}
-    assert report["model"]["lookup"] == {"num_tokens": 4, "max_ngram": 3, "min_ngram": 1}
+    assert report["model"]["lookup"] == {"num_tokens": 4, "max_ngram": 3, "min_ngram": 1, "max_tokens": 4, "growth": 1.0,
+                                         "chain_only_match": None}
     assert mt["methods"]["falcon"]["samples"] == 4  # two prompts x two turns
     assert [s["id"] for s in report["samples"]["mt_bench"]["falcon"]] == ["mt-0", "mt-0/turn2", "mt-1", "mt-1/turn2"]
     for result in report["results"].values():
