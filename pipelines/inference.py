@@ -221,7 +221,8 @@ def _load_from_dir(package_dir: Path, info: dict[str, Any], device: str, dtype: 
     fingerprint = _checked_fingerprint(target_ref, model, tokenizer, spec)
     drafter = load_drafter(package_dir / DRAFTER_DIR, model, target_fingerprint=fingerprint)
     try:
-        lookup = LookupConfig(**tree.get("lookup", {}))  # packages from before lookup: off
+        # Packages from before lookup: off; from before the adaptive chain: a fixed chain of num_tokens.
+        lookup = LookupConfig(**tree.get("lookup", {}))
     except (TypeError, ValueError) as error:
         raise PackageError(f"{package_dir / TREE_FILE}: bad lookup settings {tree.get('lookup')!r}: {error}") from error
     decoder = FalconDecoder(model, drafter, _package_tree(tree, drafter, model.device, package_dir / TREE_FILE),
@@ -391,10 +392,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     registry = package.info.get("registry")
     source = f"{registry['name']} v{registry['version']}" if registry else package.info["package_dir"]
-    tree = package.info["tree"]
+    tree, lookup = package.info["tree"], package.decoder.lookup
+    chain = f"{lookup.num_tokens}..{lookup.max_tokens}" if lookup.max_tokens > lookup.num_tokens else lookup.num_tokens
     print(f"model {source}: target {package.info['target']['architecture']} ({package.fingerprint}), "
           f"tree {tree.get('nodes')} nodes depth {tree.get('depth')}, lookup chain "
-          f"{package.decoder.lookup.num_tokens or 'off'}, {args.dtype} on {args.device}")
+          f"{chain or 'off'}, {args.dtype} on {args.device}")
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     generate_text(package, args.prompt, 4, sampling)  # warm-up: first calls pay one-off allocation costs
     falcon = generate_text(package, args.prompt, args.max_new_tokens, sampling)

@@ -64,6 +64,7 @@ from pipelines.inference import (
     generate_text,
     load_falcon,
 )
+from pipelines.lookup_tuning import LookupTuningConfig, describe_lookup
 from pipelines.ray_utils import use_torch_threads
 from pipelines.tracking import DEFAULT_TRACKING_URI, ensure_experiment, redact, resolve_tracking_uri
 from pipelines.train import TRAIN_INFO_FILE
@@ -106,8 +107,9 @@ class PackageConfig:
     tracking_uri: str = DEFAULT_TRACKING_URI
     experiment: str = "falcon-drafter-package"
     tree: TreeTuningConfig = field(default_factory=TreeTuningConfig)
-    # A chain of tokens copied from the context, verified beside the tree (falcon.lookup); num_tokens 0: off.
-    lookup: LookupConfig = field(default_factory=LookupConfig)
+    # A chain of tokens copied from the context, verified beside the tree (falcon.lookup): fixed as given
+    # (num_tokens 0: off) or tuned with the tree (pipelines.lookup_tuning).
+    lookup: LookupTuningConfig = field(default_factory=LookupTuningConfig)
 
     def __post_init__(self) -> None:
         if not self.run_dir:
@@ -118,6 +120,8 @@ class PackageConfig:
             raise ValueError(f"alias {self.alias!r} is reserved or empty (MLflow forbids 'latest' and 'v<N>')")
         if self.eval_fraction is not None and not 0.0 < self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        if not isinstance(self.lookup, LookupTuningConfig):  # decoder settings given directly: used as given
+            self.lookup = LookupTuningConfig(**asdict(self.lookup))
 
 
 def load_package_config(path: str | Path, overrides: list[str] | None = None) -> PackageConfig:
@@ -354,16 +358,18 @@ def _tuning_key(config: PackageConfig, drafter_dir: Path, fingerprint: str) -> d
     digest = hashlib.sha256((drafter_dir / WEIGHTS_FILE).read_bytes()).hexdigest()
     return {"drafter_sha256": digest, "target_fingerprint": fingerprint, "store": config.store,
             "eval_fraction": config.eval_fraction, "split_seed": config.split_seed, "device": config.device,
-            "dtype": config.dtype, "tree": dataclasses.asdict(config.tree)}
+            "dtype": config.dtype, "tree": dataclasses.asdict(config.tree), "lookup": dataclasses.asdict(config.lookup)}
 
 
 def _resolve_tree_report(config: PackageConfig, drafter, target, fingerprint: str, drafter_dir: Path,
                          run_dir: Path, fresh: bool) -> dict[str, Any]:
-    """The tree and its report; a tuned one is kept per inputs in run_dir and reused unless `fresh`."""
+    """The tree and lookup settings and their report; tuned ones are kept per inputs in run_dir and reused
+    unless `fresh`."""
     key = _tuning_key(config, drafter_dir, fingerprint)
     key_digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     stored_path = run_dir / TUNED_TREES_DIR / f"{key_digest}.json"
-    if config.tree.mode == "tuned" and not fresh and stored_path.is_file():
+    tuned = "tuned" in (config.tree.mode, config.lookup.mode)
+    if tuned and not fresh and stored_path.is_file():
         stored = json.loads(stored_path.read_text())
         if stored.get("key") == key:
             print(f"package: reusing the tree tuned earlier for the same inputs ({stored_path}; --fresh re-tunes)",
@@ -376,8 +382,8 @@ def _resolve_tree_report(config: PackageConfig, drafter, target, fingerprint: st
         store = FeatureStore.open(config.store, expect_fingerprint=fingerprint, storage_options=config.storage_options)
         _, eval_indices = store.split(config.eval_fraction, config.split_seed)
         print(f"package: {len(eval_indices)} held-out samples of {store.num_samples} in {config.store}", file=sys.stderr)
-    _, report = resolve_tree(config.tree, drafter, target, store, eval_indices)
-    if config.tree.mode == "tuned":
+    _, report = resolve_tree(config.tree, drafter, target, store, eval_indices, config.lookup)
+    if tuned:
         stored_path.parent.mkdir(parents=True, exist_ok=True)
         stored_path.write_text(json.dumps({"key": key, "report": report}, indent=1) + "\n")
     return report
@@ -395,16 +401,16 @@ def run_packaging(config: PackageConfig, *, fresh: bool = False) -> PackageResul
     fingerprint = target_fingerprint(target, tokenizer)
     drafter = load_drafter(drafter_dir, target, target_fingerprint=fingerprint)
     report = _resolve_tree_report(config, drafter, target, fingerprint, drafter_dir, run_dir, fresh)
-    tree_paths = report["paths"]
+    tree_paths, lookup = report["paths"], LookupConfig(**report["lookup"]["settings"])
 
     target_ref = target_reference(config.target, target, tokenizer, config.trust_remote_code)
     package_dir = run_dir / PACKAGE_SUBDIR
-    meta = write_package(package_dir, drafter_dir, tree_paths, report, target_ref, config.lookup)
+    meta = write_package(package_dir, drafter_dir, tree_paths, report, target_ref, lookup)
     summary = report["summary"]
     params = {"tree_mode": report["mode"], "tree_nodes": summary["nodes"], "tree_depth": summary["depth"],
               "block_size": report["block_size"], "target_fingerprint": fingerprint, "drafter_dir": str(drafter_dir),
               "store": config.store, "device": config.device, "dtype": config.dtype,
-              "lookup_tokens": config.lookup.num_tokens}
+              "lookup_mode": config.lookup.mode, "lookup_tokens": lookup.num_tokens, "lookup_max_tokens": lookup.max_tokens}
     metrics = {key: float(report[key]) for key in ("expected_tau", "empirical_tau", "expected_speedup", "step_ms",
                                                     "plain_step_ms") if key in report}
     tags = {CONTENT_HASH_TAG: meta["content_hash"]}
@@ -415,13 +421,13 @@ def run_packaging(config: PackageConfig, *, fresh: bool = False) -> PackageResul
                         model_name=config.model_name, tracking_uri=config.tracking_uri, experiment=config.experiment,
                         model_config={"device": config.device, "dtype": config.dtype},
                         params=params, metrics=metrics, tags=tags)
-    result = PackageResult(published, tree_paths, report, str(package_dir), config.lookup)
+    result = PackageResult(published, tree_paths, report, str(package_dir), lookup)
     (run_dir / SUMMARY_FILE).write_text(json.dumps(redact({
         "model_uri": published.model_uri, "name": published.name, "version": published.version,
         "alias": published.alias, "alias_note": published.alias_note, "reused_version": published.reused,
         "run_id": published.run_id,
         "tracking_uri": published.tracking_uri, "content_hash": meta["content_hash"], "tree": summary,
-        **metrics,
+        "lookup": asdict(lookup), **metrics,
     }), indent=2) + "\n")
     return result
 
@@ -444,10 +450,13 @@ def describe_result(result: PackageResult) -> str:
             f"{report['step_ms']:.1f} ms vs plain {report['plain_step_ms']:.1f} ms; expected speedup "
             f"{report['expected_speedup']:.2f}x (drafting + verification only, loop overhead excluded)"
         )
-    lookup = result.lookup
-    lines.append(f"context lookup: up to {lookup.num_tokens} tokens after {lookup.max_ngram}..{lookup.min_ngram}-gram "
-                 "matches, verified beside the tree (not in the expected figures)" if lookup.enabled else
-                 "context lookup: off")
+    lookup_report = report["lookup"]
+    lines.append(f"{describe_lookup(result.lookup)} ({lookup_report['mode']}"
+                 + ("; in the expected figures above)" if "tree_only" in lookup_report else ")"))
+    if "tree_only" in lookup_report and result.lookup.enabled:
+        tree_only = lookup_report["tree_only"]
+        lines.append(f"without the chain: expected tau {tree_only['expected_tau']:.2f}, speedup "
+                     f"{tree_only['expected_speedup']:.2f}x")
     if "warning" in report:
         lines.append(f"warning: {report['warning']}")
     return "\n".join(lines)

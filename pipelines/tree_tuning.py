@@ -23,7 +23,9 @@ The tree kept is the T_n maximising
 
 and the expected speedup is that rate times verify_ms(1), the cost of one plain decoding step (the same
 forward with a single token). The ranks also give the held-out ("empirical") tau of every tree, reported
-next to the model's expectation.
+next to the model's expectation. With the context lookup on (`pipelines.lookup_tuning`), the lookup is replayed
+at the same positions and each nested tree is paired with each candidate chain policy: the pair kept is the one
+with the most expected tokens per millisecond, the chain's verification (and a skipped drafter) costed alike.
 
 Approximation: with more than one decoder layer, the drafter's cached keys of older positions depend on how
 the blocks were aligned when they were computed; here all context blocks share the alignment of the block
@@ -38,7 +40,7 @@ import math
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -48,7 +50,17 @@ from transformers import DynamicCache
 
 from falcon.drafter import Drafter
 from falcon.generate import DrafterState, draft_tree
+from falcon.lookup import LookupConfig
 from falcon.tree import TreeConfig, build_tree, tree_attention_mask
+from pipelines.lookup_tuning import (
+    ChainReplay,
+    LookupTuningConfig,
+    TreeCandidates,
+    lookup_candidates,
+    replay_chain,
+    replay_config,
+    resolve_lookup,
+)
 
 TREE_MODES = ("tuned", "preset", "fixed")
 
@@ -109,6 +121,7 @@ class AcceptanceStats:
     ranks: np.ndarray  # (positions, depth) int64: rank of x_{L+d} among the top-`max_rank`, max_rank if absent
     max_rank: int
     num_samples: int
+    chain: ChainReplay | None = None  # the context lookup replayed at the same positions (lookup_tuning)
 
     @property
     def depth(self) -> int:
@@ -144,18 +157,20 @@ class AcceptanceStats:
             table /= self.num_positions
         return table
 
+    def accepted_depths(self, paths: Sequence[Sequence[int]]) -> np.ndarray:
+        """(positions, len(paths)) draft tokens accepted at each position by the tree of the first n paths (greedy
+        replay: the deepest node on the true path), for paths in an order whose every prefix is a tree."""
+        depths = np.zeros((self.num_positions, len(paths)), dtype=np.int64)
+        for j, path in enumerate(paths):
+            if len(path) <= self.depth:  # deeper nodes are beyond the measured table: never accepted
+                depths[:, j] = (self.ranks[:, :len(path)] == np.asarray(path)).all(1) * len(path)
+        return np.maximum.accumulate(depths, axis=1)
+
     def empirical_tau(self, paths: Sequence[Sequence[int]]) -> float:
         """Held-out mean accepted tokens per step with this tree, bonus included (greedy replay of the ranks)."""
         if not self.num_positions:
             return math.nan
-        tree = {tuple(p) for p in paths}
-        total = 0
-        for row in self.ranks.tolist():
-            accepted = 0
-            while accepted < len(row) and tuple(row[: accepted + 1]) in tree:
-                accepted += 1
-            total += accepted
-        return 1.0 + total / self.num_positions
+        return 1.0 + float(self.accepted_depths(paths)[:, -1].mean()) if len(paths) else 1.0
 
 
 def decoding_positions(loss_mask: np.ndarray, depth: int, block_size: int, quota: int) -> list[int]:
@@ -260,15 +275,18 @@ def _draft_along_truth(drafter: Drafter, features, context_kv, lstm_at, batch: l
 
 
 def measure_acceptance(drafter: Drafter, store, indices: Sequence[int], depth: int, max_rank: int, *,
-                       max_positions: int = 4000, batch_positions: int = 32) -> AcceptanceStats:
-    """Ranks of the true tokens at up to `max_positions` decoding positions of the store samples `indices`."""
+                       max_positions: int = 4000, batch_positions: int = 32,
+                       lookups: Sequence[LookupConfig] = ()) -> AcceptanceStats:
+    """Ranks of the true tokens at up to `max_positions` decoding positions of the store samples `indices`, and
+    with `lookups` the context lookup replayed at the same positions for all of those policies."""
     if max_rank > (drafter.config.draft_vocab_size or drafter.config.vocab_size):
         raise TreeTuningError(f"max rank {max_rank} exceeds the drafter's vocabulary")
     indices = list(indices)
     if not indices:
         raise TreeTuningError("no held-out samples to measure acceptance on (the eval split is empty)")
     quota = max(1, math.ceil(max_positions / len(indices)))
-    all_ranks = []
+    all_ranks, chains = [], []
+    matching, match_cap, max_chain = replay_config(lookups) if lookups else (None, 0, 0)
     for index in tqdm(indices, desc="acceptance", unit="sample"):
         sample = store.sample(int(index))
         positions = decoding_positions(sample["loss_mask"], depth, drafter.config.block_size, quota)
@@ -278,12 +296,15 @@ def measure_acceptance(drafter: Drafter, store, indices: Sequence[int], depth: i
                 torch.from_numpy(np.asarray(sample["input_ids"], dtype=np.int64)),
                 positions, depth, max_rank, batch_positions,
             ))
+            if matching is not None:
+                chains.append(replay_chain(sample["input_ids"], positions, matching, match_cap, max_chain))
     ranks = np.concatenate(all_ranks) if all_ranks else np.zeros((0, depth), dtype=np.int64)
     if not len(ranks):
         raise TreeTuningError(
             f"none of the {len(indices)} held-out samples has a reply of more than {depth} tokens to measure on"
         )
-    return AcceptanceStats(ranks=ranks, max_rank=max_rank, num_samples=len(indices))
+    chain = ChainReplay.concatenate(chains, max_chain) if matching is not None else None
+    return AcceptanceStats(ranks=ranks, max_rank=max_rank, num_samples=len(indices), chain=chain)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -442,8 +463,10 @@ def measure_draft_ms(drafter: Drafter, branch_counts: Sequence[int], cache_lengt
     return first_pass_ms, _running_max(pass_ms)
 
 
-def measure_costs(target, drafter: Drafter, *, max_nodes: int, cache_length: int, repeats: int) -> CostModel:
-    verify_sizes = size_grid(max_nodes + 1)
+def measure_costs(target, drafter: Drafter, *, max_nodes: int, cache_length: int, repeats: int,
+                  max_chain: int = 0) -> CostModel:
+    """Verification of root + up to `max_nodes` drafted + `max_chain` lookup tokens, and the drafter's passes."""
+    verify_sizes = size_grid(max_nodes + 1 + max_chain)
     draft_vocab = drafter.config.draft_vocab_size or drafter.config.vocab_size
     branch_counts = size_grid(min(max_nodes, draft_vocab))
     verify_ms = measure_verify_ms(target, verify_sizes, cache_length, repeats)
@@ -500,6 +523,7 @@ class TreeChoice:
     step_ms: float
     expected_speedup: float  # (tau / step_ms) / (1 / verify_ms(1))
     curve: list[dict[str, float]]  # one row per candidate size
+    order: list[tuple[int, ...]] = field(default_factory=list)  # the nested trees: T_n = order[:n]
 
 
 def choose_tree(accept: np.ndarray, costs: CostModel, block_size: int, max_nodes: int,
@@ -520,7 +544,8 @@ def choose_tree(accept: np.ndarray, costs: CostModel, block_size: int, max_nodes
         if best is None or row["expected_speedup"] > best["expected_speedup"]:
             best = row
     paths = [path for path, _ in order[: best["nodes"]]]
-    return TreeChoice(paths, best["expected_tau"], best["step_ms"], best["expected_speedup"], curve)
+    return TreeChoice(paths, best["expected_tau"], best["step_ms"], best["expected_speedup"], curve,
+                      [path for path, _ in order])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -577,15 +602,28 @@ def tree_summary(paths: Sequence[Sequence[int]], block_size: int) -> dict[str, A
     }
 
 
+def _tree_candidates(order: Sequence[tuple[int, ...]], sizes: Sequence[int], stats: AcceptanceStats,
+                     accept: np.ndarray, costs: CostModel, block_size: int) -> TreeCandidates:
+    """The trees order[:n] for n in `sizes`, with what the joint choice with the lookup needs of each."""
+    trees = [list(order[:n]) for n in sizes]
+    return TreeCandidates(paths=trees, expected_tau=np.array([expected_tau(t, accept) for t in trees]),
+                          draft_ms=np.array([costs.draft(t, block_size) for t in trees]),
+                          accepted=stats.accepted_depths(order)[:, [n - 1 for n in sizes]])
+
+
 def resolve_tree(config: TreeTuningConfig, drafter: Drafter, target=None, store=None,
-                 eval_indices: Sequence[int] | None = None) -> tuple[TreeConfig, dict[str, Any]]:
-    """The tree to ship and a JSON-able report; tuned trees need `target`, `store` and `eval_indices`.
+                 eval_indices: Sequence[int] | None = None,
+                 lookup: LookupTuningConfig | None = None) -> tuple[TreeConfig, dict[str, Any]]:
+    """The tree to ship and a JSON-able report, with the lookup settings chosen with it in report["lookup"]
+    (`pipelines.lookup_tuning`); tuned trees and lookups need `target`, `store` and `eval_indices`.
 
     Fixed and preset trees are also evaluated (expected and held-out tau, expected speedup) when those are given.
     """
+    lookup = lookup or LookupTuningConfig()
     k = drafter.config.block_size
     max_depth = min(config.max_depth or drafter.config.max_tree_depth, drafter.config.max_tree_depth)
     report: dict[str, Any] = {"mode": config.mode, "block_size": k}
+    measured = target is not None and store is not None and eval_indices is not None
     if config.mode == "fixed":
         fixed = TreeConfig(paths=config.paths, branching=config.branching)
     elif config.mode == "preset":
@@ -593,49 +631,55 @@ def resolve_tree(config: TreeTuningConfig, drafter: Drafter, target=None, store=
         report["preset"] = config.preset
     else:
         fixed = None
-        if target is None or store is None or eval_indices is None:
+        if not measured:
             raise TreeTuningError("tree.mode tuned needs the target, the feature store and its held-out split")
+    if lookup.mode == "tuned" and not measured:
+        raise TreeTuningError("lookup.mode tuned needs the target, the feature store and its held-out split")
     if fixed is not None:
         fixed_paths = [tuple(p) for p in fixed.resolve_paths()]
         build_tree(fixed, k, drafter.config.max_tree_depth)  # refuse a bad shape before any measuring
         max_depth = max(len(p) for p in fixed_paths)
         max_ranks = [max([p[d] for p in fixed_paths if len(p) > d]) + 1 for d in range(max_depth)]
-        if target is None or store is None or eval_indices is None:
-            report.update(paths=[list(p) for p in fixed_paths], summary=tree_summary(fixed_paths, k))
+        if not measured:
+            report.update(paths=[list(p) for p in fixed_paths], summary=tree_summary(fixed_paths, k),
+                          lookup={"mode": lookup.mode, "settings": asdict(lookup.settings())})
             return TreeConfig(paths=[list(p) for p in fixed_paths]), report
     else:
         max_ranks = ranks_per_depth(config.max_ranks, max_depth)
 
     eval_indices = list(eval_indices)[: config.max_samples]
+    candidates = lookup_candidates(lookup)
     stats = measure_acceptance(drafter, store, eval_indices, max_depth, max(max_ranks),
-                               max_positions=config.max_positions, batch_positions=config.batch_positions)
-    accept = stats.conditional()
+                               max_positions=config.max_positions, batch_positions=config.batch_positions,
+                               lookups=candidates)
+    accept, replay = stats.conditional(), stats.chain
     nodes = len(fixed_paths) if fixed is not None else config.max_nodes
     costs = measure_costs(target, drafter, max_nodes=nodes, cache_length=config.cache_length,
-                          repeats=config.timing_repeats)
+                          repeats=config.timing_repeats, max_chain=replay.max_chain)
     if fixed is None:
         choice = choose_tree(accept, costs, k, config.max_nodes, max_ranks)
-        paths, curve = choice.paths, choice.curve
-        tau, step_ms = choice.expected_tau, choice.step_ms
+        trees = _tree_candidates(choice.order, range(1, len(choice.order) + 1), stats, accept, costs, k)
+        curve = choice.curve
     else:
-        paths, curve = fixed_paths, []
-        tau, step_ms = expected_tau(paths, accept), costs.step(paths, k)
-    speedup = tau * costs.verify(1) / step_ms
+        trees, curve = _tree_candidates(fixed_paths, [len(fixed_paths)], stats, accept, costs, k), []
+    best, lookup_report = resolve_lookup(lookup.mode, candidates, trees, replay, costs.verify)
+    paths = trees.paths[best.tree]
     report.update(
         paths=[list(p) for p in paths],
         summary=tree_summary(paths, k),
-        expected_tau=tau,
-        empirical_tau=stats.empirical_tau(paths),
-        step_ms=step_ms,
+        expected_tau=best.expected_tau,
+        empirical_tau=best.empirical_tau,
+        step_ms=best.step_ms,
         plain_step_ms=costs.verify(1),
-        expected_speedup=speedup,
+        expected_speedup=best.expected_speedup,
         definitions={
             "tau": "mean tokens per target forward after the prefill, accepted drafts + the bonus token "
                    "(plain decoding = 1)",
-            "expected_tau": "1 + sum over nodes of prod_d p[d][r_d] (p: conditional acceptance table)",
-            "empirical_tau": "the same, replayed on the held-out ranks (greedy acceptance)",
-            "expected_speedup": "expected_tau x verify_ms(1) / (draft_ms + verify_ms(nodes + 1)); loop "
-                                "overhead excluded, so an upper bound",
+            "expected_tau": "1 + sum over nodes of prod_d p[d][r_d] (p: conditional acceptance table), plus "
+                            "the lookup chain's replayed gain over the tree (lookup.tree_only: without it)",
+            "empirical_tau": "the same, replayed on the held-out ranks and lookup matches (greedy acceptance)",
+            "expected_speedup": "expected_tau x verify_ms(1) / (draft_ms + verify_ms(nodes + 1 + chain)), "
+                                "averaged over held-out positions; loop overhead excluded, so an upper bound",
         },
         acceptance={
             "samples": stats.num_samples,
@@ -648,8 +692,9 @@ def resolve_tree(config: TreeTuningConfig, drafter: Drafter, target=None, store=
         },
         timing=costs.to_dict(),
         curve=curve,
+        lookup=lookup_report,
     )
-    if speedup < 1.0:
-        report["warning"] = (f"expected speedup {speedup:.2f}x < 1: on this device drafting costs more than it "
-                             "saves with this drafter; the tree kept is the least bad one")
+    if best.expected_speedup < 1.0:
+        report["warning"] = (f"expected speedup {best.expected_speedup:.2f}x < 1: on this device drafting costs "
+                             "more than it saves with this drafter; the tree kept is the least bad one")
     return TreeConfig(paths=[list(p) for p in paths]), report
