@@ -59,15 +59,9 @@ class Location:
         if not self.is_local:
             self.fs.pipe_file(path, data)  # one PUT: atomic on object stores
             return
-        directory = os.path.dirname(path)
-        os.makedirs(directory, exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        tmp = _write_synced(f"{path}.tmp-{os.getpid()}", data)
         os.replace(tmp, path)
-        fsync_dir(directory)
+        fsync_dir(os.path.dirname(path))
 
     def write_json(self, path: str, value: Any) -> None:
         self.write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
@@ -85,20 +79,14 @@ class Location:
             except FileExistsError:
                 return False
             return self.fs.cat_file(path) == data
-        directory = os.path.dirname(path)
-        os.makedirs(directory, exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        tmp = _write_synced(f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}", data)
         try:
             os.link(tmp, path)
         except FileExistsError:
             return False
         finally:
             os.remove(tmp)
-        fsync_dir(directory)
+        fsync_dir(os.path.dirname(path))
         return True
 
     def list_names(self, path: str) -> list[str]:
@@ -162,3 +150,13 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_synced(path: str, data: bytes) -> str:
+    """Write a local file and flush it to disk (its directory created if needed); returns `path`."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return path
