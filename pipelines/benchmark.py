@@ -62,6 +62,10 @@ class BenchmarkError(ValueError):
     """The benchmark cannot run as configured; the message says why."""
 
 
+# How close a divergence's exact margin must be to pass as a numerical tie (also packaging's check).
+DEFAULT_TIE_FACTOR = 2.0
+
+
 @dataclass
 class DatasetSpec:
     name: str
@@ -105,7 +109,7 @@ class BenchmarkConfig:
     drafter_only: bool = True
     # A divergence is a numerical tie when the exact margin between the two tokens is at most this many times
     # (the rounding error the inference dtype made on it + one ulp of the logits) (DivergenceAuditor).
-    tie_factor: float = 2.0
+    tie_factor: float = DEFAULT_TIE_FACTOR
     mlflow: bool = True
     experiment: str = "falcon-benchmark"
 

@@ -46,7 +46,7 @@ import yaml
 from falcon.drafter import CONFIG_FILE, WEIGHTS_FILE, DrafterMismatchError, load_drafter
 from falcon.lookup import LookupConfig
 from falcon.target import describe_target, load_target, remote_code_digest, target_fingerprint
-from pipelines.benchmark import DivergenceAuditor, first_divergence
+from pipelines.benchmark import DEFAULT_TIE_FACTOR, DivergenceAuditor, first_divergence
 from pipelines.config import ConfigError, load_section
 from pipelines.inference import (
     DRAFTER_DIR,
@@ -75,7 +75,6 @@ CONTENT_HASH_TAG = "falcon.content_hash"
 CHECK_TAG = "falcon.package_check"  # on each checked version: "passed", or "failed: <why>"
 CHECK_PROMPT = "What is the capital of France?"
 CHECK_TOKENS = 16  # decoded by the check: a few Falcon steps, enough to use the tree below its first pass
-CHECK_TIE_FACTOR = 2.0  # the benchmark's default: how close a divergence must be to pass as a numerical tie
 MODEL_ARTIFACT_NAME = "falcon"
 TUNED_TREES_DIR = "tuned_trees"  # in run_dir: each tuned tree with the inputs it was tuned for
 SUMMARY_FILE = "summary.json"
@@ -315,7 +314,7 @@ def check_decodes_like_greedy(package: FalconPackage) -> None:
     if index is None:
         return
     prompt_ids = encode_prompt(package.tokenizer, CHECK_PROMPT).to(package.target.device)
-    verdict = DivergenceAuditor(package.target, CHECK_TIE_FACTOR).audit(prompt_ids, plain.token_ids,
+    verdict = DivergenceAuditor(package.target, DEFAULT_TIE_FACTOR).audit(prompt_ids, plain.token_ids,
                                                                         falcon.token_ids, index)
     if verdict["kind"] != "tie":
         raise PackageError(f"decoding {CHECK_PROMPT!r}, Falcon left plain greedy decoding at token {index} and no "
