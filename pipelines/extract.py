@@ -1,19 +1,17 @@
 """Feature extraction on Ray Data: conversations in, a committed Zarr feature store out.
 
-    read + normalise (driver) -> [generate replies] -> tokenise -> target forward -> write shards
-                                  actor pool          tasks       actor pool        Datasink tasks
+    read + normalise (driver) -> tokenise, [generate replies], target features -> write shards
+                                 actor pool (ShardFeatures)                       Datasink tasks
 
 One row of the Ray dataset is one whole feature-store SHARD: sample i of the deterministic input order
 belongs to shard i // samples_per_shard, and every stage maps a shard row to a shard row. So each shard
-is written by exactly one writer whatever Ray does with blocks, a shard's forward batches are formed
-from its own samples (the same bits on every run), and resuming is per shard: committed shards are
-dropped before any generation or forward work, partial ones are rewritten from scratch.
+is written by exactly one writer whatever Ray does with blocks, a shard's batches are formed from its own
+samples (the same bits on every run), and resuming is per shard: committed shards are dropped before any
+work, partial ones are done again from their records.
 
-Reading and normalising run on the driver: sample indices need one sequential pass over the inputs,
-and parsing JSON is negligible next to the target's forward.
-
-Generated replies are cached per shard under `<store>/generated/shard-XXXXX.jsonl` (written atomically
-once the shard's replies are done), so a resumed run does not generate them again.
+Greedy replies keep the features of the decode that wrote them (pipelines.target_features): no second
+forward over the reply. Reading and normalising run on the driver: sample indices need one sequential pass
+over the inputs, and parsing JSON is negligible next to the target's work.
 """
 
 from __future__ import annotations
@@ -25,7 +23,7 @@ import logging
 import random
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +38,7 @@ from ray.exceptions import RayTaskError
 from tqdm.auto import tqdm
 
 from falcon.generate import SamplingConfig, autoregressive_generate
-from falcon.target import describe_target, load_target, target_fingerprint, target_parts
+from falcon.target import describe_target, load_target, resolve_dtype, target_fingerprint, target_parts
 from feature_store import FeatureStore, StoreLockedError, StoreMetadata, StoreMismatchError, WriterLock
 from feature_store.lock import DEFAULT_STALE_AFTER_S
 from feature_store.schema import HIDDEN_DTYPES, TOPK_DTYPES, decode_hidden
@@ -57,11 +55,15 @@ from pipelines.data import (
     tokenize_conversation,
 )
 from pipelines.ray_utils import ActorPoolConfig, RayConfig, ray_session
+from pipelines.target_features import (
+    forward_batches,
+    forward_features,
+    greedy_replies_with_features,
+    hidden_for_storage,
+)
 from pipelines.tracking import redact
 
-GENERATED_DIR = "generated"
 TARGET_DTYPES = ("float32", "bfloat16", "float16")
-LOGITS_CHUNK_BYTES = 1 << 26  # float32 logits computed at once per sample (64 MiB)
 
 
 log = logging.getLogger(__name__)
@@ -81,16 +83,18 @@ class GenerationConfig:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     seed: int = 0  # sampling seed; each record draws from its own generator seeded by (seed, id)
-    # Greedy replies are generated this many prompts at a time (left-padded): on CPU a batch of 16 costs
-    # little more per step than one prompt. Sampled replies go one by one, so a record's seed fixes its reply.
-    batch_size: int = 16
-    actors: ActorPoolConfig = field(default_factory=ActorPoolConfig)
+    # Greedy replies are decoded up to this many prompts of a shard at a time (left-padded; on CPU a step of
+    # 64 rows costs far less than 64 steps of one), within batch_tokens = rows x (prompt + reply budget), which
+    # bounds the KV cache. Sampled replies go one by one, so a record's seed fixes its reply.
+    batch_size: int = 64
+    batch_tokens: int = 16384
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.batch_size < 1:
-            raise ValueError(f"generation.batch_size must be >= 1, got {self.batch_size}")
+        if self.batch_size < 1 or self.batch_tokens < 1:
+            raise ValueError(f"generation.batch_size and batch_tokens must be >= 1, got {self.batch_size}, "
+                             f"{self.batch_tokens}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
 
@@ -117,7 +121,7 @@ class ExtractConfig:
     target: str | None = None  # falcon.target.load_target spec; None: the default SmolLM2-135M-Instruct
     trust_remote_code: bool = False
     device: str = "cpu"
-    dtype: str = "bfloat16"  # dtype of the target forward
+    dtype: str = "auto"  # dtype of the target forward (auto: see falcon.target.resolve_dtype)
     max_len: int = 2048  # tokens per sample, prompt + reply
     samples_per_shard: int = 64
     hidden_dtype: str = "bfloat16"
@@ -136,6 +140,7 @@ class ExtractConfig:
     verify_on_resume: bool = True
 
     def __post_init__(self) -> None:
+        self.dtype = resolve_dtype(self.dtype, self.device)  # the store records the dtype its features had
         checks = [
             (bool(self.inputs), f"inputs must name at least one file, got {self.inputs!r}"),
             (self.input_format in FORMATS, f"input_format must be one of {FORMATS}"),
@@ -241,43 +246,7 @@ def store_metadata(cfg: ExtractConfig, target: Mapping[str, Any], tokenizer, rec
 
 
 # ---------------------------------------------------------------------------------------------------
-# Stage 1 (optional): self-distillation, the target writes the missing assistant replies
-
-
-def generation_cache_path(location: Location, shard_id: int) -> str:
-    return location.path(GENERATED_DIR, f"{shard_name(shard_id)}.jsonl")
-
-
-def read_generation_cache(location: Location, shard_id: int) -> dict[str, list[int]] | None:
-    """{sample id: generated token ids} of a shard whose replies were all generated before, else None.
-
-    A damaged cache is only lost work, not lost data: it is reported and the replies are generated again.
-    """
-    path = generation_cache_path(location, shard_id)
-    try:
-        data = location.fs.cat_file(path)
-    except FileNotFoundError:
-        return None
-    try:
-        entries = [json.loads(line) for line in data.splitlines() if line.strip()]
-        return {_cached_id(entry): _cached_reply(entry) for entry in entries}
-    except (ValueError, TypeError, KeyError) as exc:
-        log.warning("damaged reply cache %s (%s: %s): its replies are generated again",
-                    location.redacted(GENERATED_DIR, f"{shard_name(shard_id)}.jsonl"), type(exc).__name__, exc)
-        return None
-
-
-def _cached_id(entry: dict[str, Any]) -> str:
-    if not isinstance(entry["id"], str):
-        raise TypeError(f"id {entry['id']!r} is not a string")
-    return entry["id"]
-
-
-def _cached_reply(entry: dict[str, Any]) -> list[int]:
-    reply = entry["generated_ids"]
-    if not isinstance(reply, list) or not all(isinstance(token, int) for token in reply):
-        raise TypeError(f"generated_ids of {entry['id']!r} is not a list of token ids")
-    return reply
+# Stage 1: one actor per shard turns its records into token ids and the target's features
 
 
 def record_seed(seed: int, sample_id: str) -> int:
@@ -285,267 +254,128 @@ def record_seed(seed: int, sample_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}\0{sample_id}".encode()).digest()[:8], "big") >> 1
 
 
-class GenerateReplies:
-    """Actor: append the target's own reply (token ids) to every record of a shard that lacks one."""
+def tokenize_record(record: Mapping[str, Any], tokenizer, max_len: int, generate: bool) -> dict[str, Any] | Rejected:
+    """input_ids and loss_mask of a record; one that ends with a user turn is a prompt when `generate`."""
+    sample = tokenize_conversation(record["messages"], tokenizer, max_len, sample_id=record["id"])
+    if isinstance(sample, Rejected) or not sample["needs_generation"]:
+        return sample
+    if not generate:
+        return Rejected("no_assistant_turn", "ends with a user turn and generation is off")
+    if len(sample["input_ids"]) >= max_len:
+        return Rejected("over_long", f"prompt of {len(sample['input_ids'])} tokens leaves no room under "
+                                     f"max_len {max_len} for a reply")
+    return sample
 
-    def __init__(self, cfg: ExtractConfig, store: FeatureStore):
-        self.cfg, self.location = cfg, store.location
-        self.model, self.tokenizer = load_actor_target(
-            cfg, cfg.generation.actors, store.metadata.target_fingerprint
-        )
+
+class ShardFeatures:
+    """Actor: shard rows of records -> shard rows of token ids, loss masks and the target's per-token features.
+
+    Records that end with a user turn get the target's own reply (self-distillation). Greedy replies keep the
+    features of the decode that wrote them; sampled ones (one by one, so a record's seed fixes its reply) and
+    the inputs' own replies get them from one forward, `forward_batch_tokens` padded tokens at a time.
+    """
+
+    def __init__(self, cfg: ExtractConfig, expect_fingerprint: str | None = None):
+        self.cfg = cfg
+        self.model, self.tokenizer = load_actor_target(cfg, cfg.forward_actors, expect_fingerprint)
+        self.decoder, _, self.lm_head = target_parts(self.model)
         eos = self.model.generation_config.eos_token_id
         self.eos_token_ids = {self.tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos])
         self.eos_token_ids.discard(None)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        records_out, info_out = [], []
-        for shard_id, records_json, info_json in zip(batch["shard_id"], batch["records"], batch["info"], strict=True):
-            records, info = json.loads(records_json), json.loads(info_json)
-            if not info.get("generation_cached"):
-                info |= self._generate_shard(int(shard_id), records)
-            records_out.append(json.dumps(records))
-            info_out.append(json.dumps(info))
-        return {"shard_id": batch["shard_id"], "records": _objects(records_out), "info": _objects(info_out)}
+        rows = [self.shard(int(shard_id), json.loads(records), json.loads(info))
+                for shard_id, records, info in zip(batch["shard_id"], batch["records"], batch["info"], strict=True)]
+        return {name: _objects([row[name] for row in rows]) for name in rows[0]}
 
-    def _generate_shard(self, shard_id: int, records: list[dict[str, Any]]) -> dict[str, Any]:
-        started = time.perf_counter()
-        prompts = {record["id"]: self._prompt(record) for record in records}
-        prompts = {sample_id: prompt for sample_id, prompt in prompts.items() if prompt is not None}
-        replies = self._generate(prompts)
-        entries = []
-        for record in records:
-            if record["id"] in replies:
-                generated = replies[record["id"]]
-                record["generated_ids"] = generated
-                entries.append({
-                    "id": record["id"],
-                    "generated_ids": generated,
-                    "finish": "eos" if generated[-1] in self.eos_token_ids else "length",
-                    "text": self.tokenizer.decode(generated, skip_special_tokens=True),
-                })
-        lines = "".join(json.dumps(entry, ensure_ascii=False) + "\n" for entry in entries)
-        self.location.write_bytes(generation_cache_path(self.location, shard_id), lines.encode())
-        tokens, elapsed = sum(len(entry["generated_ids"]) for entry in entries), time.perf_counter() - started
-        print(f"generate: {shard_name(shard_id)}: {len(entries)} replies, {tokens} tokens in {elapsed:.1f} s "
-              f"({tokens / max(elapsed, 1e-9):.1f} tokens/s)", flush=True)
-        return {"generated_replies": len(entries), "generated_tokens": tokens}
-
-    def _prompt(self, record: dict[str, Any]) -> tuple[list[int], int] | None:
-        """(prompt ids, reply budget) of a record that needs a reply and has room for one, else None."""
-        if not needs_reply(record):
-            return None
-        prompt = tokenize_conversation(record["messages"], self.tokenizer, self.cfg.max_len, sample_id=record["id"])
-        if isinstance(prompt, Rejected):
-            return None  # rejected again, and counted, by the tokenise stage
-        budget = min(self.cfg.generation.max_new_tokens, self.cfg.max_len - len(prompt["input_ids"]))
-        return (prompt["input_ids"].tolist(), budget) if budget >= 1 else None
-
-    def _generate(self, prompts: dict[str, tuple[list[int], int]]) -> dict[str, list[int]]:
-        """{sample id: reply token ids, ending with EOS unless cut at the budget}."""
-        generation, eos = self.cfg.generation, sorted(self.eos_token_ids)
-        if generation.temperature == 0:
-            return greedy_replies(self.model, prompts, eos, generation.batch_size)
-        replies = {}
-        for sample_id, (prompt, budget) in prompts.items():
-            sampling = SamplingConfig(generation.temperature, generation.top_p, record_seed(generation.seed, sample_id))
-            input_ids = torch.as_tensor(prompt, dtype=torch.long)[None]  # (1, prompt)
-            replies[sample_id] = autoregressive_generate(self.model, input_ids, budget, eos, sampling).tokens
-        return replies
-
-
-def greedy_replies(model, prompts: dict[str, tuple[list[int], int]], eos_token_ids: list[int],
-                   batch_size: int) -> dict[str, list[int]]:
-    """Greedy replies to many prompts, `batch_size` at a time, left-padded, prompts of similar length together.
-
-    A batched reply can differ from the unbatched one where two logits are within float noise of each other
-    (padding changes the reduction order); either is the target's own greedy output, which is what the
-    drafter must learn. Each reply stops at its first EOS (kept) or at its own budget.
-    """
-    from transformers import GenerationConfig
-
-    order = sorted(prompts, key=lambda sample_id: len(prompts[sample_id][0]))
-    device = next(model.parameters()).device
-    replies = {}
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        longest = max(len(prompts[i][0]) for i in batch)
-        input_ids = torch.full((len(batch), longest), eos_token_ids[0], dtype=torch.long, device=device)  # (B, T)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, sample_id in enumerate(batch):
-            prompt = prompts[sample_id][0]
-            input_ids[row, longest - len(prompt):] = torch.as_tensor(prompt, device=device)
-            attention_mask[row, longest - len(prompt):] = 1
-        config = GenerationConfig(max_new_tokens=max(prompts[i][1] for i in batch), do_sample=False,
-                                  eos_token_id=eos_token_ids, pad_token_id=eos_token_ids[0])
-        with torch.inference_mode():
-            output = model.generate(input_ids, attention_mask=attention_mask, generation_config=config)
-        for row, sample_id in enumerate(batch):
-            reply = output[row, longest:].tolist()[: prompts[sample_id][1]]
-            ends = [i for i, token in enumerate(reply) if token in eos_token_ids]
-            replies[sample_id] = reply[: ends[0] + 1] if ends else reply
-    return replies
-
-
-# ---------------------------------------------------------------------------------------------------
-# Stage 2: tokenise with the assistant loss mask
-
-
-def tokenize_record(record: Mapping[str, Any], tokenizer, max_len: int) -> dict[str, Any] | Rejected:
-    """input_ids and loss_mask of a record; a generated reply's ids are appended as they were sampled."""
-    sample = tokenize_conversation(record["messages"], tokenizer, max_len, sample_id=record["id"])
-    if isinstance(sample, Rejected) or not sample["needs_generation"]:
-        return sample
-    generated = record.get("generated_ids")
-    if generated is None:
-        if len(sample["input_ids"]) >= max_len:
-            return Rejected("over_long", f"prompt of {len(sample['input_ids'])} tokens leaves no room under "
-                                         f"max_len {max_len} for a reply")
-        return Rejected("no_assistant_turn", "ends with a user turn and generation is off")
-    return {
-        **sample,
-        "input_ids": np.concatenate([sample["input_ids"], np.asarray(generated, dtype=np.int32)]),
-        "loss_mask": np.concatenate([sample["loss_mask"], np.ones(len(generated), dtype=np.uint8)]),
-    }
-
-
-def tokenize_shards(batch: dict[str, np.ndarray], tokenizer, max_len: int) -> dict[str, np.ndarray]:
-    """Ray task: shard rows of records -> shard rows of concatenated input_ids / loss_mask and offsets."""
-    out: dict[str, list] = {"shard_id": [], "info": [], "sample_ids": [], "offsets": [], "input_ids": [],
-                            "loss_mask": []}
-    for shard_id, records_json, info_json in zip(batch["shard_id"], batch["records"], batch["info"], strict=True):
-        info = json.loads(info_json)
+    def shard(self, shard_id: int, records: list[dict[str, Any]], info: dict[str, Any]) -> dict[str, Any]:
         rejects, notes = info.setdefault("rejects", []), info.setdefault("notes", {})
-        sample_ids, input_ids, loss_mask = [], [], []
-        for record in json.loads(records_json):
-            sample = tokenize_record(record, tokenizer, max_len)
+        samples = {}
+        for record in records:
+            sample = tokenize_record(record, self.tokenizer, self.cfg.max_len, self.cfg.generation.enabled)
             if isinstance(sample, Rejected):
                 rejects.append({"reason": sample.reason, "detail": sample.detail, "sample_id": record["id"],
                                 "source": record["source"], "raw": json.dumps(record)[:500]})
                 continue
             if sample["truncated"]:
                 notes["truncated"] = notes.get("truncated", 0) + 1
-            sample_ids.append(record["id"])
-            input_ids.append(sample["input_ids"])
-            loss_mask.append(sample["loss_mask"])
-        lengths = [len(ids) for ids in input_ids]
-        out["shard_id"].append(shard_id)
-        out["info"].append(json.dumps(info))
-        out["sample_ids"].append(json.dumps(sample_ids))
-        out["offsets"].append(np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64))
-        out["input_ids"].append(np.concatenate(input_ids or [np.zeros(0, np.int32)]).astype(np.int32))
-        out["loss_mask"].append(np.concatenate(loss_mask or [np.zeros(0, np.uint8)]).astype(np.uint8))
-    return {name: _objects(values) for name, values in out.items()}
+            samples[record["id"]] = sample
+        features = self._generate(shard_id, samples, info)
+        self._forward({sample_id: s for sample_id, s in samples.items() if sample_id not in features}, features)
+        return self._shard_row(shard_id, info, samples, features)
 
-
-# ---------------------------------------------------------------------------------------------------
-# Stage 3: the target forward
-
-
-def forward_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Positions of samples grouped into forward batches, longest first, so that each batch's padded size
-    (rows x its longest sample) stays within max_tokens; a longer sample goes alone."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    for i in order:
-        # Descending order: a batch's first sample is its longest.
-        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_tokens:
-            batches[-1].append(i)
+    def _generate(self, shard_id: int, samples: dict[str, dict[str, Any]], info: dict[str, Any]) -> dict[str, Any]:
+        """Append the target's reply to every prompt in `samples`; {sample id: features} of the greedy ones."""
+        prompts = {sample_id: sample for sample_id, sample in samples.items() if sample["needs_generation"]}
+        if not prompts:
+            return {}
+        started, generation = time.perf_counter(), self.cfg.generation
+        budgets = {sample_id: min(generation.max_new_tokens, self.cfg.max_len - len(sample["input_ids"]))
+                   for sample_id, sample in prompts.items()}
+        features, replies = {}, {}
+        if generation.temperature == 0:
+            ids = list(prompts)
+            outputs = greedy_replies_with_features(
+                self.decoder, self.lm_head, [prompts[i]["input_ids"].tolist() for i in ids],
+                [budgets[i] for i in ids], self.eos_token_ids, self.cfg.topk, generation.batch_size,
+                generation.batch_tokens,
+            )
+            for sample_id, (reply, reply_features) in zip(ids, outputs, strict=True):
+                replies[sample_id], features[sample_id] = reply, reply_features
         else:
-            batches.append([i])
-    return batches
+            for sample_id, sample in prompts.items():
+                sampling = SamplingConfig(generation.temperature, generation.top_p,
+                                          record_seed(generation.seed, sample_id))
+                input_ids = torch.as_tensor(sample["input_ids"], dtype=torch.long)[None]  # (1, prompt)
+                replies[sample_id] = autoregressive_generate(
+                    self.model, input_ids, budgets[sample_id], sorted(self.eos_token_ids), sampling
+                ).tokens
+        for sample_id, reply in replies.items():
+            sample = samples[sample_id]
+            sample["input_ids"] = np.concatenate([sample["input_ids"], np.asarray(reply, dtype=np.int32)])
+            sample["loss_mask"] = np.concatenate([sample["loss_mask"], np.ones(len(reply), dtype=np.uint8)])
+        tokens, elapsed = sum(map(len, replies.values())), time.perf_counter() - started
+        info |= {"generated_replies": len(replies), "generated_tokens": tokens}
+        print(f"generate: {shard_name(shard_id)}: {len(replies)} replies, {tokens} tokens in {elapsed:.1f} s "
+              f"({tokens / max(elapsed, 1e-9):.1f} tokens/s)", flush=True)
+        return features
 
+    def _forward(self, samples: dict[str, dict[str, Any]], features: dict[str, Any]) -> None:
+        """Features of complete samples into `features`, by one right-padded forward per batch."""
+        ids = list(samples)
+        lengths = [len(samples[i]["input_ids"]) for i in ids]
+        for positions in forward_batches(lengths, self.cfg.forward_batch_tokens):
+            sequences = [samples[ids[i]]["input_ids"].astype(np.int64) for i in positions]
+            outputs = forward_features(self.decoder, self.lm_head, sequences, self.cfg.topk)
+            for i, output in zip(positions, outputs, strict=True):
+                features[ids[i]] = output
 
-def forward_features(decoder, lm_head, sequences: Sequence, topk: int) -> list[dict[str, Any]]:
-    """Per sequence: `hidden_states` (T, h) in the model's dtype, the final-norm states the LM head reads,
-    and with topk > 0 float32 `topk_values` (T, k) logits, `topk_indices` (T, k), `logsumexp` (T,).
-
-    The sequences run as one right-padded batch; real tokens never attend to padding (causal mask),
-    so each equals its unbatched forward up to floating-point rounding.
-    """
-    device = lm_head.weight.device
-    lengths = [len(sequence) for sequence in sequences]
-    input_ids = torch.zeros(len(sequences), max(lengths), dtype=torch.long, device=device)  # (B, T)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, sequence in enumerate(sequences):
-        input_ids[row, : lengths[row]] = torch.as_tensor(sequence, device=device)
-        attention_mask[row, : lengths[row]] = 1
-    with torch.inference_mode():
-        hidden_states = decoder(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-        ).last_hidden_state  # (B, T, h)
-        real_tokens = hidden_states[attention_mask.bool()]  # (sum of lengths, h), sequence after sequence
-        features = {"hidden_states": real_tokens}
-        if topk:
-            features |= logit_summary(lm_head, real_tokens, topk)
-    per_sequence = {name: torch.split(values, lengths) for name, values in features.items()}
-    return [{name: per_sequence[name][row] for name in features} for row in range(len(sequences))]
-
-
-def logit_summary(lm_head, hidden_states, topk: int) -> dict[str, Any]:
-    """Top-k logits and the full-vocabulary logsumexp of (T, h) hidden states, in float32 chunks."""
-    chunk = max(1, LOGITS_CHUNK_BYTES // (4 * lm_head.weight.shape[0]))
-    values, indices, logsumexp = [], [], []
-    for start in range(0, hidden_states.shape[0], chunk):
-        logits = lm_head(hidden_states[start : start + chunk]).float()  # (chunk, vocab)
-        top = logits.topk(topk, dim=-1)
-        values.append(top.values)
-        indices.append(top.indices)
-        logsumexp.append(logits.logsumexp(dim=-1))
-    return {
-        "topk_values": torch.cat(values),
-        "topk_indices": torch.cat(indices).to(torch.int32),
-        "logsumexp": torch.cat(logsumexp),
-    }
-
-
-def hidden_for_storage(hidden_states, hidden_dtype: str) -> np.ndarray:
-    """(T, h) hidden states in the store's storage dtype: bfloat16 bits as uint16, or float16."""
-    if hidden_dtype == "bfloat16":
-        return hidden_states.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
-    half = hidden_states.to(torch.float16)
-    if not torch.isfinite(half).all():
-        raise ExtractError(
-            f"hidden states overflow float16 (max |x| = {hidden_states.abs().max().item():.4g}); "
-            "set hidden_dtype: bfloat16"
-        )
-    return half.cpu().numpy()
-
-
-class ExtractFeatures:
-    """Actor: shard rows of token ids -> shard rows with the target's per-token features."""
-
-    def __init__(self, cfg: ExtractConfig, expect_fingerprint: str | None = None):
-        self.cfg = cfg
-        model, _ = load_actor_target(cfg, cfg.forward_actors, expect_fingerprint)
-        self.decoder, _, self.lm_head = target_parts(model)
-        self.hidden_size = model.config.get_text_config().hidden_size
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        features = [self.shard_features(batch["input_ids"][row], batch["offsets"][row])
-                    for row in range(len(batch["shard_id"]))]
-        return {**batch, **{name: _objects([f[name] for f in features]) for name in features[0]}}
-
-    def shard_features(self, input_ids: np.ndarray, offsets: np.ndarray) -> dict[str, np.ndarray]:
-        """Concatenated per-token features of one shard's samples (token axis as in input_ids)."""
-        n_tokens, k = len(input_ids), self.cfg.topk
-        out = {"hidden_states": np.empty((n_tokens, self.hidden_size), HIDDEN_DTYPES[self.cfg.hidden_dtype])}
-        if k:
-            out |= {"topk_values": np.empty((n_tokens, k), np.float32),
-                    "topk_indices": np.empty((n_tokens, k), np.int32),
-                    "logsumexp": np.empty(n_tokens, np.float32)}
-        spans = list(zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True))
-        for positions in forward_batches([end - start for start, end in spans], self.cfg.forward_batch_tokens):
-            sequences = [input_ids[spans[i][0] : spans[i][1]].astype(np.int64) for i in positions]
-            for i, features in zip(positions, forward_features(self.decoder, self.lm_head, sequences, k), strict=True):
-                start, end = spans[i]
-                out["hidden_states"][start:end] = hidden_for_storage(features["hidden_states"], self.cfg.hidden_dtype)
-                for name in ("topk_values", "topk_indices", "logsumexp") if k else ():
-                    out[name][start:end] = features[name].cpu().numpy()
-        return out
-
+    def _shard_row(self, shard_id: int, info: dict[str, Any], samples: dict[str, dict[str, Any]],
+                   features: dict[str, Any]) -> dict[str, Any]:
+        """One shard row as the sink reads it: per-token columns concatenated in record order, plus offsets."""
+        ids = list(samples)
+        lengths = [len(samples[i]["input_ids"]) for i in ids]
+        row = {"shard_id": shard_id, "info": json.dumps(info), "sample_ids": json.dumps(ids),
+               "offsets": np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64),
+               "input_ids": np.concatenate([samples[i]["input_ids"] for i in ids] or [np.zeros(0)]).astype(np.int32),
+               "loss_mask": np.concatenate([samples[i]["loss_mask"] for i in ids] or [np.zeros(0)]).astype(np.uint8)}
+        try:
+            hidden = [hidden_for_storage(features[i]["hidden_states"], self.cfg.hidden_dtype) for i in ids]
+        except ValueError as exc:  # float16 overflow
+            raise ExtractError(str(exc)) from None
+        row["hidden_states"] = (np.concatenate(hidden) if hidden else
+                                np.zeros((0, self.model.config.get_text_config().hidden_size),
+                                         HIDDEN_DTYPES[self.cfg.hidden_dtype]))
+        if self.cfg.topk:
+            for name, dtype, width in (("topk_values", np.float32, self.cfg.topk),
+                                       ("topk_indices", np.int32, self.cfg.topk), ("logsumexp", np.float32, None)):
+                parts = [features[i][name].cpu().numpy() for i in ids]
+                empty = np.zeros((0, width) if width else (0,), dtype)
+                row[name] = np.concatenate(parts).astype(dtype) if parts else empty
+        return row
 
 # ---------------------------------------------------------------------------------------------------
-# Stage 4: write shards
+# Stage 2: write shards
 
 
 class FeatureStoreSink(Datasink):
@@ -596,10 +426,9 @@ def _objects(values: list[Any]) -> np.ndarray:
 
 
 def feature_stages(dataset, cfg: ExtractConfig, store: FeatureStore):
-    """Forward on the actor pool, ready for `write_datasink`; input rows hold shard_id, info,
-    sample_ids, offsets, input_ids, loss_mask."""
+    """Shard rows of records (shard_id, records, info as JSON) -> shard rows for `FeatureStoreSink`."""
     return dataset.map_batches(
-        ExtractFeatures,
+        ShardFeatures,
         batch_size=1,  # one shard per call: the actor batches the shard's samples itself
         batch_format="numpy",
         fn_constructor_kwargs={"cfg": cfg, "expect_fingerprint": store.metadata.target_fingerprint},
@@ -614,40 +443,21 @@ def write_features(dataset, cfg: ExtractConfig, store: FeatureStore) -> list[dic
     return sink.shard_results
 
 
-def build_pipeline(rows: list[dict[str, Any]], cfg: ExtractConfig, store: FeatureStore, tokenizer,
-                   generate: bool):
-    dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
-    if generate:
-        dataset = dataset.map_batches(
-            GenerateReplies, batch_size=1, batch_format="numpy",
-            fn_constructor_kwargs={"cfg": cfg, "store": store}, **cfg.generation.actors.map_batches_args(),
-        )
-    dataset = dataset.map_batches(
-        tokenize_shards, batch_size=1, batch_format="numpy", num_cpus=cfg.task_num_cpus,
-        fn_kwargs={"tokenizer": tokenizer, "max_len": cfg.max_len},
-    )
-    return feature_stages(dataset, cfg, store)
+def pending_shard_rows(records: list[dict[str, Any]], cfg: ExtractConfig,
+                       store: FeatureStore) -> tuple[list[dict[str, Any]], int, bool]:
+    """(rows of the shards still to write, number of shards already committed, whether any needs generation).
 
-
-def pending_shard_rows(
-    records: list[dict[str, Any]], cfg: ExtractConfig, store: FeatureStore
-) -> tuple[list[dict[str, Any]], int, bool]:
-    """(rows of the shards still to write, number of shards already committed, whether any needs generation)."""
+    A shard not committed is done again from its records: generation is deterministic (greedy, or seeded per
+    record), so a resumed store equals an uninterrupted one.
+    """
     committed = store.committed_shards()
     rows, generate = [], False
     for shard_id in range(-(-len(records) // cfg.samples_per_shard)):
         if shard_id in committed:
             continue
         shard_records = records[shard_id * cfg.samples_per_shard : (shard_id + 1) * cfg.samples_per_shard]
-        info: dict[str, Any] = {}
-        wanting = [r for r in shard_records if needs_reply(r)] if cfg.generation.enabled else []
-        cached = read_generation_cache(store.location, shard_id) if wanting else None
-        if cached is not None:
-            shard_records = [{**r, "generated_ids": cached[r["id"]]} if r["id"] in cached else r
-                             for r in shard_records]
-            info = {"generation_cached": True, "cached_replies": sum(r["id"] in cached for r in wanting)}
-        generate |= bool(wanting) and cached is None
-        rows.append({"shard_id": shard_id, "records": json.dumps(shard_records), "info": json.dumps(info)})
+        generate |= cfg.generation.enabled and any(needs_reply(r) for r in shard_records)
+        rows.append({"shard_id": shard_id, "records": json.dumps(shard_records), "info": "{}"})
     return rows, len(committed), generate
 
 
@@ -705,7 +515,8 @@ def run(cfg: ExtractConfig, *, fresh: bool = False) -> dict[str, Any]:
         print(f"extract: {len(records)} records -> {n_skipped + len(rows)} shards; {n_skipped} already "
               f"committed, {len(rows)} to write{' (with generation)' if generate else ''}", file=sys.stderr)
         try:
-            results = write_features(build_pipeline(rows, cfg, store, tokenizer, generate), cfg, store) if rows else []
+            dataset = ray.data.from_items(rows, override_num_blocks=len(rows)) if rows else None
+            results = write_features(feature_stages(dataset, cfg, store), cfg, store) if rows else []
             store.check_writer("write the manifest")
         except (StoreLockedError, StoreMismatchError, ExtractError) as exc:  # e.g. another job took the store
             # Raised in an actor or a shard writer it arrives wrapped by Ray, whose str() is the worker traceback.
@@ -744,7 +555,6 @@ def summarise(cfg, store: FeatureStore, target, results, n_skipped, rejects: Rej
         "tokens_per_s": round(total("n_tokens") / elapsed, 1),
         "replies_generated": total("generated_replies"),
         "tokens_generated": total("generated_tokens"),
-        "replies_from_cache": total("cached_replies"),
         "rejects": dict(sorted(rejects.counts.items())),
         "rejected": rejects.rejected,
         "store_shards": len(store.shards),
@@ -766,8 +576,7 @@ def format_summary(summary: Mapping[str, Any], rejects: RejectCounter) -> str:
         f"({s['loss_tokens_written']} with loss), {s['tokens_per_s']} tokens/s; {s['shards_skipped']} shards "
         "were already committed",
         *[f"  corrupt {name}: {why}; removed, extracted again" for name, why in s["shards_corrupt"].items()],
-        f"  replies: {s['replies_generated']} generated ({s['tokens_generated']} tokens), "
-        f"{s['replies_from_cache']} from the generation cache",
+        f"  replies: {s['replies_generated']} generated ({s['tokens_generated']} tokens)",
         f"  store: {s['store_shards']} shards, {s['store_samples']} samples, {s['store_tokens']} tokens, "
         f"{s['store_bytes'] / 1e6:.1f} MB = {s['bytes_per_token']} bytes/token "
         f"({s['stored_vs_raw']}x the raw {s['raw_bytes_per_token']} bytes/token)",

@@ -26,7 +26,7 @@ class FalconPyfunc(PythonModel):
     def load_context(self, context):
         config = dict(context.model_config or {})
         self.package = load_falcon(context.artifacts[PYFUNC_ARTIFACT], device=config.get("device", "cpu"),
-                                   dtype=config.get("dtype", "bfloat16"), target=config.get("target"),
+                                   dtype=config.get("dtype", "auto"), target=config.get("target"),
                                    trust_remote_code=config.get("trust_remote_code") is True)
 
     def predict(self, context, model_input, params=None):

@@ -46,6 +46,7 @@ from falcon.target import (
     describe_target,
     load_target,
     remote_code_digest,
+    resolve_dtype,
     target_fingerprint,
 )
 from falcon.tree import MAX_TREE_NODES, Tree, TreeConfig, TreeError, build_tree
@@ -177,7 +178,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 # Loading
 
 
-def load_falcon(uri: str | Path, *, device: str = "cpu", dtype: str = "bfloat16", tracking_uri: str | None = None,
+def load_falcon(uri: str | Path, *, device: str = "cpu", dtype: str = "auto", tracking_uri: str | None = None,
                 target=None, trust_remote_code: bool = False) -> FalconPackage:
     """Load a package and its target, check they belong together, and build the decoder.
 
@@ -377,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--tracking-uri", default=None, help=f"default: $MLFLOW_TRACKING_URI or {DEFAULT_TRACKING_URI}")
     parser.add_argument("--target", default=None, help="load_target spec overriding the one in the package")
     parser.add_argument("--trust-remote-code", action="store_true",
@@ -396,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     chain = f"{lookup.num_tokens}..{lookup.max_tokens}" if lookup.max_tokens > lookup.num_tokens else lookup.num_tokens
     print(f"model {source}: target {package.info['target']['architecture']} ({package.fingerprint}), "
           f"tree {tree.get('nodes')} nodes depth {tree.get('depth')}, lookup chain "
-          f"{chain or 'off'}, {args.dtype} on {args.device}")
+          f"{chain or 'off'}, {resolve_dtype(args.dtype, args.device)} on {args.device}")
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     generate_text(package, args.prompt, 4, sampling)  # warm-up: first calls pay one-off allocation costs
     falcon = generate_text(package, args.prompt, args.max_new_tokens, sampling)

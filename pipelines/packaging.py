@@ -45,7 +45,7 @@ import yaml
 
 from falcon.drafter import CONFIG_FILE, WEIGHTS_FILE, DrafterMismatchError, load_drafter
 from falcon.lookup import LookupConfig
-from falcon.target import describe_target, load_target, remote_code_digest, target_fingerprint
+from falcon.target import describe_target, load_target, remote_code_digest, resolve_dtype, target_fingerprint
 from pipelines.benchmark import DEFAULT_TIE_FACTOR, DivergenceAuditor, first_divergence
 from pipelines.config import ConfigError, load_section
 from pipelines.inference import (
@@ -99,7 +99,7 @@ class PackageConfig:
     target: str | None = None  # load_target spec (None: SmolLM2-135M-Instruct); must be the drafter's target
     trust_remote_code: bool = False
     device: str = "cpu"  # where the tree is timed, and the pyfunc's default device
-    dtype: str = "bfloat16"  # the inference dtype: tree timings and acceptance are measured in it
+    dtype: str = "auto"  # the inference dtype (auto: see falcon.target.resolve_dtype); the tree is tuned in it
     torch_threads: int | None = None  # threads of the tree timing runs (None: every core, as a server would use)
     model_name: str = "falcon-drafter"  # registered model name
     alias: str = "champion"
@@ -111,6 +111,7 @@ class PackageConfig:
     lookup: LookupTuningConfig = field(default_factory=LookupTuningConfig)
 
     def __post_init__(self) -> None:
+        self.dtype = resolve_dtype(self.dtype, self.device)
         if not self.run_dir:
             raise ValueError("run_dir must be set")
         if not self.model_name or any(c in self.model_name for c in "'\"/@:"):

@@ -147,8 +147,18 @@ def test_forward_batches_bucket_by_length_within_the_budget():
     assert [4] in batches and [1, 3] in batches and [2, 5, 0] in batches
 
 
-def test_round_trip_features_equal_unbatched_target_forward(reference_run, target_dir, inputs):
-    cfg, summary = reference_run
+@pytest.fixture(scope="module")
+def greedy_run(local_ray, workdir, target_dir, inputs):
+    """The same extraction with greedy replies, whose features come from the decode that wrote them."""
+    cfg = make_config(target_dir, inputs[0], workdir / "store-greedy", workdir / "run-greedy",
+                      "generation.temperature=0.0")
+    return cfg, run(cfg)
+
+
+@pytest.mark.parametrize("run_fixture", ["reference_run", "greedy_run"])
+def test_round_trip_features_equal_unbatched_target_forward(run_fixture, request, target_dir, inputs):
+    cfg, summary = request.getfixturevalue(run_fixture)
+    sampling = SamplingConfig(cfg.generation.temperature, cfg.generation.top_p, cfg.generation.seed)
     _, rows = inputs
     model, tokenizer = load_target(target_dir, dtype=cfg.dtype)
     decoder, _, lm_head = target_parts(model)
@@ -162,17 +172,18 @@ def test_round_trip_features_equal_unbatched_target_forward(reference_run, targe
     lengths = store.sample_lengths()
     padded_batches = [b for s in range(0, len(rows), 2) for b in forward_batches(lengths[s:s + 2], 1024)
                       if len(b) > 1 and len({lengths[s + i] for i in b}) > 1]
-    assert padded_batches, "the extraction must have run right-padded batches of unequal lengths"
+    assert padded_batches, "the extraction must have run padded batches of unequal lengths"
 
     for index, row in enumerate(rows):
         stored = store.sample(index)
         messages = row.get("messages") or [{"role": "user", "content": row["conversations"][0]["value"]}]
         prompt = tokenize_conversation(messages, tokenizer, cfg.max_len, sample_id=row["id"])
         input_ids, loss_mask = prompt["input_ids"], prompt["loss_mask"]
-        if prompt["needs_generation"]:  # the reply must be the target's own sample, seeded per record
-            sampling = SamplingConfig(SAMPLING.temperature, SAMPLING.top_p, record_seed(SAMPLING.seed, row["id"]))
+        if prompt["needs_generation"]:  # the reply must be the target's own, sampled ones seeded per record
+            seed = record_seed(sampling.seed, row["id"])
             reply = autoregressive_generate(model, torch.as_tensor(input_ids, dtype=torch.long), MAX_NEW_TOKENS,
-                                            tokenizer.eos_token_id, sampling).tokens
+                                            tokenizer.eos_token_id,
+                                            SamplingConfig(sampling.temperature, sampling.top_p, seed)).tokens
             input_ids = np.concatenate([input_ids, reply])
             loss_mask = np.concatenate([loss_mask, np.ones(len(reply), np.uint8)])
         np.testing.assert_array_equal(stored["input_ids"], input_ids)
@@ -231,9 +242,7 @@ def test_kill_9_mid_run_then_rerun_gives_the_identical_store(reference_run, loca
     n_shards = len(FeatureStore.open(reference_cfg.store).shards)
     committed = FeatureStore.open(cfg.store).committed_shards()
     assert 0 < len(committed) < n_shards, f"kill landed after the run ended ({len(committed)} shards)"
-    time.sleep(2)  # let Ray reap the dead driver's actors; a late, atomic cache write would only add replies
-    cached = sum(len(path.read_text().splitlines()) for path in (Path(cfg.store) / "generated").glob("*.jsonl")
-                 if int(path.stem.split("-")[1]) not in committed)
+    time.sleep(2)  # let Ray reap the dead driver's actors
     _, rows = inputs
     to_reply = sum(1 for i, row in enumerate(rows) if i // cfg.samples_per_shard not in committed
                    and ("conversations" in row or row["messages"][-1]["role"] == "user"))
@@ -241,8 +250,7 @@ def test_kill_9_mid_run_then_rerun_gives_the_identical_store(reference_run, loca
     summary = run(cfg)
     assert summary["shards_skipped"] == len(committed)
     assert summary["shards_written"] == n_shards - len(committed)
-    assert summary["replies_from_cache"] >= cached  # replies generated before the kill are not redone
-    assert summary["replies_from_cache"] + summary["replies_generated"] == to_reply
+    assert summary["replies_generated"] == to_reply  # the shards not committed are done again, identically
 
     resumed, reference = FeatureStore.open(cfg.store), FeatureStore.open(reference_cfg.store)
     assert resumed.metadata == reference.metadata
@@ -260,25 +268,7 @@ def test_a_truncated_commit_record_is_reported_and_the_shard_extracted_again(ref
 
     summary = run(cfg)
     assert "shard-00001" in caplog.text and "COMMITTED.json" in caplog.text
-    assert summary["shards_written"] == 1 and summary["replies_from_cache"] > 0  # its replies were cached
-    resumed, reference = FeatureStore.open(cfg.store), FeatureStore.open(reference_cfg.store)
-    assert resumed.read_manifest().to_pylist() == reference.read_manifest().to_pylist()
-    assert resumed.verify().ok
-
-
-def test_a_damaged_reply_cache_is_reported_and_its_replies_generated_again(reference_run, workdir, caplog):
-    reference_cfg, _ = reference_run
-    store = workdir / "store-damaged-cache"
-    shutil.copytree(reference_cfg.store, store)
-    record = store / "shards" / "shard-00001" / "COMMITTED.json"
-    record.write_bytes(record.read_bytes()[:50])  # shard 1 must be extracted again, from its reply cache
-    cache = store / "generated" / "shard-00001.jsonl"
-    cache.write_bytes(cache.read_bytes()[: len(cache.read_bytes()) // 2])  # torn mid-line
-    cfg = make_config(reference_cfg.target, reference_cfg.inputs[0], store, workdir / "run-damaged-cache")
-
-    summary = run(cfg)
-    assert "damaged reply cache" in caplog.text and "shard-00001.jsonl" in caplog.text
-    assert summary["shards_written"] == 1 and summary["replies_from_cache"] == 0 and summary["replies_generated"] > 0
+    assert summary["shards_written"] == 1 and summary["replies_generated"] > 0
     resumed, reference = FeatureStore.open(cfg.store), FeatureStore.open(reference_cfg.store)
     assert resumed.read_manifest().to_pylist() == reference.read_manifest().to_pylist()
     assert resumed.verify().ok
@@ -414,18 +404,3 @@ def test_bad_rows_are_counted_by_reason_and_the_rest_extracted(local_ray, workdi
     assert store.sample_ids() == ["good-1", "good-2", "truncated"]
     assert store.committed_shards() == {1, 2}  # shard 0 lost both samples; nothing to store
     assert int(store.sample_lengths()[-1]) == 128
-
-
-def test_batched_greedy_replies_equal_one_by_one_greedy_decoding(target_dir):
-    from pipelines.extract import greedy_replies
-
-    model, tokenizer = load_target(target_dir, dtype="float32")
-    eos = [tokenizer.eos_token_id]
-    prompts = {}
-    for i, text in enumerate(PROMPTS[:7]):
-        ids = tokenize_conversation([{"role": "user", "content": text}], tokenizer, 256, sample_id=str(i))["input_ids"]
-        prompts[str(i)] = (ids.tolist(), 3 + 2 * i)  # budgets differ per prompt
-    replies = greedy_replies(model, prompts, eos, batch_size=3)
-    for sample_id, (prompt, budget) in prompts.items():
-        expected = autoregressive_generate(model, torch.tensor([prompt]), budget, eos).tokens
-        assert replies[sample_id] == expected, sample_id

@@ -357,3 +357,16 @@ def test_gguf_is_converted_once_and_matches_the_original(tmp_path, monkeypatch):
     assert target_fingerprint(reloaded_model, reloaded_tokenizer) == target_fingerprint(
         converted_model, converted_tokenizer
     )
+
+
+def test_auto_dtype_is_bfloat16_only_where_the_device_computes_it_natively(monkeypatch):
+    from falcon.target import resolve_dtype
+    from pipelines.benchmark import BenchmarkConfig
+
+    assert resolve_dtype("float16", "cpu") == "float16" and resolve_dtype("auto", "cuda:0") == "bfloat16"
+    for native, expected in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda native=native: native)
+        assert resolve_dtype("auto", "cpu") == expected
+        # Configs record the dtype they resolved to, so a store or a report says what was really used.
+        config = BenchmarkConfig(dtype="auto")
+        assert config.dtype == expected
