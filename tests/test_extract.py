@@ -26,15 +26,8 @@ from feature_store.schema import bfloat16_bits_to_float32, float32_to_bfloat16_b
 from feature_store.storage import Location
 from pipelines.config import load_section
 from pipelines.data import tokenize_conversation
-from pipelines.extract import (
-    ExtractConfig,
-    ExtractError,
-    forward_batches,
-    forward_features,
-    open_store,
-    record_seed,
-    run,
-)
+from pipelines.extract import ExtractConfig, ExtractError, open_store, record_seed, run
+from pipelines.target_features import forward_batches, forward_features
 
 pytestmark = pytest.mark.slow
 
@@ -133,18 +126,6 @@ def reference_run(local_ray, workdir, target_dir, inputs):
     cfg = make_config(target_dir, inputs[0], workdir / "store-ref", workdir / "run-ref")
     summary = run(cfg)
     return cfg, summary
-
-
-def test_forward_batches_bucket_by_length_within_the_budget():
-    lengths = [5, 40, 7, 38, 100, 6]
-    batches = forward_batches(lengths, max_tokens=80)
-    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
-    assert batches[0] == [4]  # longer than the budget allows with company: alone
-    for batch in batches:
-        longest = max(lengths[i] for i in batch)
-        assert len(batch) == 1 or len(batch) * longest <= 80
-        assert [lengths[i] for i in batch] == sorted((lengths[i] for i in batch), reverse=True)
-    assert [4] in batches and [1, 3] in batches and [2, 5, 0] in batches
 
 
 @pytest.fixture(scope="module")

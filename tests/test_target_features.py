@@ -6,7 +6,12 @@ import torch
 
 from falcon.generate import autoregressive_generate
 from falcon.target import target_parts
-from pipelines.target_features import forward_features, generation_batches, greedy_replies_with_features
+from pipelines.target_features import (
+    forward_batches,
+    forward_features,
+    generation_batches,
+    greedy_replies_with_features,
+)
 from tests.conftest import tiny_causal_lm
 
 TOPK = 5
@@ -58,3 +63,15 @@ def test_generation_batches_group_similar_prompts_within_rows_and_tokens():
         assert len(batch) == 1 or len(batch) * (max(lengths[i] for i in batch) + 10) <= 100
     # Shortest prompts first, together; the two longest would hold 2 x (50 + 10) > 100 tokens.
     assert batches == [[6, 1, 4], [3, 2], [5], [0]]
+
+
+def test_forward_batches_bucket_by_length_within_the_budget():
+    lengths = [5, 40, 7, 38, 100, 6]
+    batches = forward_batches(lengths, max_tokens=80)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    assert batches[0] == [4]  # longer than the budget allows with company: alone
+    for batch in batches:
+        longest = max(lengths[i] for i in batch)
+        assert len(batch) == 1 or len(batch) * longest <= 80
+        assert [lengths[i] for i in batch] == sorted((lengths[i] for i in batch), reverse=True)
+    assert [4] in batches and [1, 3] in batches and [2, 5, 0] in batches
