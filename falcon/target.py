@@ -330,6 +330,12 @@ def _check_same_logits(
 # Anatomy and identity
 
 
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Every token that ends a reply: the tokenizer's EOS and the model's generation-config EOS ids."""
+    eos = model.generation_config.eos_token_id
+    return ({tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos])) - {None}
+
+
 def target_parts(model: PreTrainedModel) -> tuple[nn.Module, nn.Module, nn.Module]:
     """(decoder giving final-norm hidden states, input embedding, LM head), for any HF causal LM.
 

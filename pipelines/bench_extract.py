@@ -32,7 +32,7 @@ import ray
 import torch
 from transformers import GenerationConfig
 
-from falcon.target import describe_target, target_parts
+from falcon.target import describe_target, eos_token_ids, target_parts
 from feature_store import FeatureStore
 from pipelines.config import load_section
 from pipelines.data import RejectCounter, Rejected
@@ -46,7 +46,12 @@ from pipelines.extract import (
     write_features,
 )
 from pipelines.ray_utils import ray_session
-from pipelines.target_features import forward_features, generation_batches, greedy_replies_with_features
+from pipelines.target_features import (
+    forward_features,
+    generation_batches,
+    greedy_replies_with_features,
+    left_padded,
+)
 
 PIPELINE_GOAL, STORAGE_GOAL = 0.85, 1.0
 
@@ -68,27 +73,18 @@ def budgets_of(cfg: ExtractConfig, prompts: list[list[int]]) -> list[int]:
     return [min(cfg.generation.max_new_tokens, cfg.max_len - len(prompt)) for prompt in prompts]
 
 
-def eos_ids(model, tokenizer) -> set[int]:
-    eos = model.generation_config.eos_token_id
-    return ({tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos])) - {None}
-
-
 def two_pass(model, tokenizer, cfg: ExtractConfig, prompts, batch_size: int) -> tuple[float, int]:
     """(seconds, reply tokens): batched `generate` per shard, then one forward over each prompt + reply."""
     decoder, _, lm_head = target_parts(model)
-    eos, budgets = sorted(eos_ids(model, tokenizer)), budgets_of(cfg, prompts)
+    eos, budgets = sorted(eos_token_ids(model, tokenizer)), budgets_of(cfg, prompts)
     started, reply_tokens = time.perf_counter(), 0
     for shard in range(0, len(prompts), cfg.samples_per_shard):
         ids = list(range(shard, min(shard + cfg.samples_per_shard, len(prompts))))
         for batch in generation_batches([len(prompts[i]) for i in ids], [budgets[i] for i in ids], batch_size,
                                         1 << 62):
             rows = [prompts[ids[j]] for j in batch]
-            longest = max(map(len, rows))
-            input_ids = torch.full((len(rows), longest), eos[0], dtype=torch.long)  # (B, longest), left-padded
-            attention_mask = torch.zeros_like(input_ids)
-            for r, prompt in enumerate(rows):
-                input_ids[r, longest - len(prompt):] = torch.as_tensor(prompt)
-                attention_mask[r, longest - len(prompt):] = 1
+            input_ids, attention_mask = left_padded(rows, eos[0], "cpu")  # (B, longest)
+            longest = input_ids.shape[1]
             config = GenerationConfig(max_new_tokens=max(budgets[ids[j]] for j in batch), do_sample=False,
                                       eos_token_id=eos, pad_token_id=eos[0])
             with torch.inference_mode():
@@ -108,7 +104,7 @@ def two_pass(model, tokenizer, cfg: ExtractConfig, prompts, batch_size: int) -> 
 def fused(model, tokenizer, cfg: ExtractConfig, prompts) -> tuple[float, int]:
     """(seconds, reply tokens): greedy replies with the features of their own decode, shard by shard."""
     decoder, _, lm_head = target_parts(model)
-    eos, budgets = eos_ids(model, tokenizer), budgets_of(cfg, prompts)
+    eos, budgets = eos_token_ids(model, tokenizer), budgets_of(cfg, prompts)
     started, reply_tokens = time.perf_counter(), 0
     for shard in range(0, len(prompts), cfg.samples_per_shard):
         end = min(shard + cfg.samples_per_shard, len(prompts))

@@ -38,7 +38,14 @@ from ray.exceptions import RayTaskError
 from tqdm.auto import tqdm
 
 from falcon.generate import SamplingConfig, autoregressive_generate
-from falcon.target import describe_target, load_target, resolve_dtype, target_fingerprint, target_parts
+from falcon.target import (
+    describe_target,
+    eos_token_ids,
+    load_target,
+    resolve_dtype,
+    target_fingerprint,
+    target_parts,
+)
 from feature_store import FeatureStore, StoreLockedError, StoreMetadata, StoreMismatchError, WriterLock
 from feature_store.lock import DEFAULT_STALE_AFTER_S
 from feature_store.schema import HIDDEN_DTYPES, TOPK_DTYPES, decode_hidden
@@ -279,9 +286,7 @@ class ShardFeatures:
         self.cfg = cfg
         self.model, self.tokenizer = load_actor_target(cfg, cfg.forward_actors, expect_fingerprint)
         self.decoder, _, self.lm_head = target_parts(self.model)
-        eos = self.model.generation_config.eos_token_id
-        self.eos_token_ids = {self.tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos])
-        self.eos_token_ids.discard(None)
+        self.eos_token_ids = eos_token_ids(self.model, self.tokenizer)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [self.shard(int(shard_id), json.loads(records), json.loads(info))

@@ -44,6 +44,7 @@ from falcon.lookup import LookupConfig
 from falcon.target import (
     TargetLoadError,
     describe_target,
+    eos_token_ids,
     load_target,
     remote_code_digest,
     resolve_dtype,
@@ -84,10 +85,7 @@ class FalconPackage:
 
     @property
     def eos_token_ids(self) -> list[int]:
-        ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
-        configured = self.target.generation_config.eos_token_id
-        ids.update([configured] if isinstance(configured, int) else configured or [])
-        return sorted(ids)
+        return sorted(eos_token_ids(self.target, self.tokenizer))
 
 
 # ---------------------------------------------------------------------------------------------------

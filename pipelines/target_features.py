@@ -112,14 +112,21 @@ def greedy_replies_with_features(decoder, lm_head, prompts: Sequence[Sequence[in
     return results
 
 
-def _decode_batch(decoder, lm_head, prompts, budgets, eos_token_ids: set[int], topk: int):
-    device = lm_head.weight.device
-    n, longest = len(prompts), max(len(prompt) for prompt in prompts)
-    input_ids = torch.zeros(n, longest, dtype=torch.long, device=device)  # (n, longest), left-padded
+def left_padded(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (n, longest): prompts right-aligned so their next tokens line up."""
+    longest = max(len(prompt) for prompt in prompts)
+    input_ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long, device=device)
     attention_mask = torch.zeros_like(input_ids)
     for row, prompt in enumerate(prompts):
         input_ids[row, longest - len(prompt):] = torch.as_tensor(prompt, device=device)
         attention_mask[row, longest - len(prompt):] = 1
+    return input_ids, attention_mask
+
+
+def _decode_batch(decoder, lm_head, prompts, budgets, eos_token_ids: set[int], topk: int):
+    device = lm_head.weight.device
+    input_ids, attention_mask = left_padded(prompts, 0, device)  # (n, longest)
+    n, longest = input_ids.shape
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (n, longest): each prompt starts at 0
     cache = DynamicCache()
     hidden_states = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
