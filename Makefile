@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 CONFIG ?= smollm2-demo
 
-.PHONY: install test lint demo clean
+.PHONY: install test test-fast lint demo clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,9 @@ install: $(VENV)/.installed
 
 test: install
 	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo 'no tests collected'; exit 0; fi; exit $$rc
+
+test-fast: install  # the unit tests: everything not marked slow (no Ray / DeepSpeed / MLflow end to end)
+	$(PY) -m pytest -q -m 'not slow' tests
 
 lint: install
 	$(VENV)/bin/ruff check falcon feature_store pipelines jobs tests

@@ -23,11 +23,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from falcon.errors import FalconError
+
 CONFIG_FILE = "drafter_config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
-class DrafterMismatchError(ValueError):
+class DrafterMismatchError(FalconError, ValueError):
     """A drafter used with a target it was not trained for."""
 
 

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from falcon.drafter import Drafter, check_drafter_matches, relaxed_causal_mask
+from falcon.devices import synchronize
+from falcon.drafter import Drafter, check_drafter_matches
+from falcon.drafting import DrafterState, draft_tree
 from falcon.lookup import NO_PROPOSAL, LookupConfig, NgramIndex
 from falcon.tree import Tree, TreeConfig, build_tree, tree_attention_mask, with_chain
 
@@ -63,11 +65,6 @@ class GenerationResult:
     def mean_accepted(self) -> float:
         """tau: tokens produced per target forward after the prefill (accepted + bonus); plain decoding = 1."""
         return sum(s.accepted + 1 for s in self.steps) / len(self.steps) if self.steps else 1.0
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _as_set(eos_token_id) -> set[int]:
@@ -148,7 +145,7 @@ def autoregressive_generate(target, input_ids, max_new_tokens: int, eos_token_id
     _, logits = _target_forward(target, input_ids, torch.arange(length, device=device)[None], cache)
     tokens: list[int] = []
     done = _finish(tokens, [_pick(logits[0, -1], sampling, generator)], eos, max_new_tokens)
-    _sync(device)
+    synchronize(device)
     prefill_s = time.perf_counter() - start
     steps = []
     while not done:
@@ -157,87 +154,10 @@ def autoregressive_generate(target, input_ids, max_new_tokens: int, eos_token_id
         _, logits = _target_forward(target, torch.tensor([[tokens[-1]]], device=device), position, cache)
         length += 1
         done = _finish(tokens, [_pick(logits[0, -1], sampling, generator)], eos, max_new_tokens)
-        _sync(device)
+        synchronize(device)
         elapsed = time.perf_counter() - step_start
         steps.append(StepStats(drafted=0, accepted=0, depth=0, draft_s=0.0, verify_s=elapsed, total_s=elapsed))
     return GenerationResult(tokens, prefill_s, time.perf_counter() - start, steps)
-
-
-@dataclass
-class DrafterState:
-    """What the drafter has seen. Positions < committed are in its KV cache for good; the target features and
-    next tokens of the positions after them wait in `hidden_states` / `next_ids`. The LSTM is causal, so
-    every known position goes through it once: `fused` holds its outputs for the first uncommitted ones."""
-
-    hidden_states: torch.Tensor  # (1, L - committed, h): target features f_i of the uncommitted positions
-    next_ids: torch.Tensor  # (1, L - committed): the token after each of them, x_{i+1}
-    committed: int = 0
-    kv: list | None = None  # per layer (keys, values), each (1, kv_heads, committed, d)
-    fused: torch.Tensor | None = None  # (1, F, h): LSTM outputs of uncommitted positions committed..committed+F-1
-    lstm: tuple | None = None  # LSTM (h, c) after position committed + F - 1
-
-
-def draft_tree(drafter: Drafter, tree: Tree, state: DrafterState, length: int) -> torch.Tensor:
-    """Fill the tree with drafted tokens. Returns target ids (N+1,), index 0 left for the root.
-
-    The newest k positions (length-k .. length-1) form the block of pass 0; older uncommitted positions are
-    committed to the drafter's cache on the way.
-    """
-    k = tree.block_size
-    pending = state.hidden_states.shape[1]
-    n_commit = pending - k
-    device = state.hidden_states.device
-
-    # Pass 0 over the uncommitted positions; the LSTM only reads those it has not seen (one call per step).
-    seen = 0 if state.fused is None else state.fused.shape[1]
-    fused_new, state.lstm = drafter.fuse(state.hidden_states[:, seen:], state.next_ids[:, seen:], state.lstm)
-    fused = fused_new if state.fused is None else torch.cat([state.fused, fused_new], dim=1)  # (1, pending, h)
-    positions = torch.arange(state.committed, length, device=device)[None]
-    chunk_mask = torch.cat(
-        [torch.ones(pending, state.committed, dtype=torch.bool, device=device),
-         relaxed_causal_mask(pending, k, device, align_end=True)], dim=1,
-    )
-    features, chunk_kv = drafter.decode(fused, positions, state.kv, chunk_mask[None, None])
-    if state.kv is None:
-        state.kv = [(key[:, :, :n_commit], value[:, :, :n_commit]) for key, value in chunk_kv]
-    else:
-        state.kv = [
-            (torch.cat([pk, key[:, :, :n_commit]], 2), torch.cat([pv, value[:, :, :n_commit]], 2))
-            for (pk, pv), (key, value) in zip(state.kv, chunk_kv, strict=True)
-        ]
-    context_kv = [
-        (torch.cat([pk, key[:, :, n_commit:]], 2), torch.cat([pv, value[:, :, n_commit:]], 2))
-        for (pk, pv), (key, value) in zip(state.kv, chunk_kv, strict=True)
-    ]
-    state.committed += n_commit
-    state.hidden_states, state.next_ids = state.hidden_states[:, n_commit:], state.next_ids[:, n_commit:]
-    state.fused = fused[:, n_commit:]
-
-    node_tokens = torch.zeros(tree.num_nodes + 1, dtype=torch.long, device=device)
-    block_features, lstm_state = features[:, n_commit:], state.lstm  # (1, k, h): predicts depths 1..k
-    pass_kv: list[list] = []  # pass_kv[q - 1]: per layer (keys, values) of pass q, (B_q, kv_heads, k, d)
-    for p in range(tree.num_passes):
-        if p > 0:
-            parent = tree.parent_branch[p]
-            num_branches = parent.numel()
-            inputs = block_features[parent]  # (B_p, k, h)
-            tokens = node_tokens[tree.input_nodes[p]]  # (B_p, k)
-            fused, lstm_state = drafter.fuse(inputs, tokens, (lstm_state[0][:, parent], lstm_state[1][:, parent]))
-            past = []
-            for layer, (ctx_k, ctx_v) in enumerate(context_kv):
-                keys = [ctx_k.expand(num_branches, -1, -1, -1)]
-                values = [ctx_v.expand(num_branches, -1, -1, -1)]
-                for q, ancestor in enumerate(tree.ancestor_branch[p], start=1):
-                    keys.append(pass_kv[q - 1][layer][0][ancestor])
-                    values.append(pass_kv[q - 1][layer][1][ancestor])
-                past.append((torch.cat(keys, 2), torch.cat(values, 2)))
-            positions = (length + (p - 1) * k + torch.arange(k, device=device)).expand(num_branches, k)
-            block_features, kv = drafter.decode(fused, positions, past)
-            pass_kv.append(kv)
-        top = drafter.logits(block_features).topk(tree.top_ranks[p], dim=-1).indices  # (B_p, k, R)
-        draft_ids = top[tree.node_branch[p], tree.node_offset[p], tree.node_rank[p]]
-        node_tokens[tree.node_ids[p]] = drafter.to_target_ids(draft_ids)
-    return node_tokens
 
 
 def accept_greedy(tree: Tree, node_tokens: torch.Tensor, logits: torch.Tensor) -> tuple[list[int], int]:
@@ -344,7 +264,7 @@ class FalconDecoder:
         done = _finish(tokens, [root], eos, max_new_tokens)
         state = DrafterState(hidden_states, torch.cat([input_ids[:, 1:], torch.tensor([[root]], device=device)], 1))
         context = NgramIndex(self.lookup, input_ids[0].tolist() + [root]) if self.lookup.enabled else None
-        _sync(device)
+        synchronize(device)
         prefill_s = time.perf_counter() - start
 
         steps: list[StepStats] = []
@@ -358,7 +278,7 @@ class FalconDecoder:
             node_tokens[0] = root
             if continuation:
                 node_tokens[len(tree.paths) + 1:] = torch.tensor(continuation, device=device)
-            _sync(device)
+            synchronize(device)
             draft_end = time.perf_counter()
 
             mask = tree_attention_mask(tree.tree_mask, length, hidden_states.dtype)
@@ -374,14 +294,13 @@ class FalconDecoder:
             path_index = torch.tensor(path, device=device)
             new_tokens = node_tokens[path_index[1:]].tolist() + [bonus]
             keep_cache_entries(cache, length, length + path_index)
-            state.hidden_states = torch.cat([state.hidden_states, hidden_states[:, path_index]], 1)
-            state.next_ids = torch.cat([state.next_ids, torch.tensor([new_tokens], device=device)], 1)
+            state.append(hidden_states[:, path_index], torch.tensor([new_tokens], device=device))
             length += len(path)
             root = bonus
             if context is not None:
                 context.extend(new_tokens)
             done = _finish(tokens, new_tokens, eos, max_new_tokens)
-            _sync(device)
+            synchronize(device)
             steps.append(StepStats(
                 drafted=tree.num_nodes, accepted=len(path) - 1, depth=tree.max_path_length,
                 draft_s=draft_end - step_start, verify_s=verify_end - draft_end,

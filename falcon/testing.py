@@ -163,43 +163,58 @@ def _family_config_class(family: str) -> type[PretrainedConfig]:
     return _FAMILY_CONFIGS[family]
 
 
-def make_tiny_target(
+def make_tiny_model(
     family: str = "llama",
     *,
+    vocab_size: int = TINY_VOCAB_SIZE,
     hidden_size: int = 64,
     num_layers: int = 2,
     num_heads: int = 4,
     num_kv_heads: int = 2,
     intermediate_size: int = 128,
     seed: int = 0,
-    save_dir: str | Path | None = None,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Random fp32 causal LM of `family` plus its tiny tokenizer, deterministic for a given seed.
+    initializer_range: float = 0.15,
+    **special_token_ids: int | None,
+) -> PreTrainedModel:
+    """Random fp32 causal LM of `family` (llama, mistral, qwen2), deterministic for a given seed: the one builder
+    of every tiny target (`make_tiny_target` adds its tokenizer).
 
-    With `save_dir`, both are saved there (safetensors) so `falcon.target.load_target(save_dir)` loads them.
+    `initializer_range`: the default 0.02 gives near-flat logits, so greedy decoding would hinge on float noise;
+    0.15 makes the median top-1/top-2 logit gap ~0.25 in fp32.
     """
-    tokenizer = make_tiny_tokenizer()
     config = _family_config_class(family)(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size,
         hidden_size=hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads,
         intermediate_size=intermediate_size,
         max_position_embeddings=2048,
-        # Default 0.02 gives near-flat logits, so greedy decoding would hinge on float noise; 0.15 makes
-        # the median top-1/top-2 logit gap ~0.25 in fp32.
-        initializer_range=0.15,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        initializer_range=initializer_range,
+        **special_token_ids,
     )
     # Seed a forked RNG so building a target neither depends on nor disturbs the caller's random state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-    model.eval()
-    tokenizer = _as_auto_tokenizer_loads_it(tokenizer, config)
+    return model.eval()
+
+
+def make_tiny_target(
+    family: str = "llama",
+    *,
+    seed: int = 0,
+    save_dir: str | Path | None = None,
+    **model_sizes: int,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """`make_tiny_model` with the tiny tokenizer (its vocabulary and special tokens).
+
+    With `save_dir`, both are saved there (safetensors) so `falcon.target.load_target(save_dir)` loads them.
+    """
+    tokenizer = make_tiny_tokenizer()
+    model = make_tiny_model(family, vocab_size=len(tokenizer), seed=seed, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **model_sizes)
+    tokenizer = _as_auto_tokenizer_loads_it(tokenizer, model.config)
     if save_dir is not None:
         model.save_pretrained(save_dir)
         tokenizer.save_pretrained(save_dir)

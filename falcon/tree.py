@@ -16,12 +16,14 @@ from numbers import Integral
 
 import torch
 
+from falcon.errors import FalconError
+
 # Draft tokens a served tree may hold. The paper's trees have 100-200; every node is verified by the target at
 # every step, so far larger trees cost more than acceptance can gain back, and mostly mean a broken tree file.
 MAX_TREE_NODES = 1024
 
 
-class TreeError(ValueError):
+class TreeError(FalconError, ValueError):
     """A tree shape that cannot be used."""
 
 

@@ -15,8 +15,10 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from falcon.errors import FalconError
 
-class FetchError(RuntimeError):
+
+class FetchError(FalconError, RuntimeError):
     """A wheel could not be downloaded, does not match its pinned sha256, or lacks an expected file."""
 
 

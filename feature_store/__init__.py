@@ -11,7 +11,6 @@ See `feature_store.store` for the layout, `feature_store.shard` for the commit p
 """
 
 from feature_store.lock import StoreLockedError, WriterLock
-from feature_store.ray_data import to_ray_dataset
 from feature_store.schema import SCHEMA_VERSION, SampleError, StoreMetadata, StoreMismatchError
 from feature_store.shard import ShardRecord
 from feature_store.store import FeatureStore, VerifyReport
@@ -28,7 +27,6 @@ __all__ = [
     "VerifyReport",
     "WriterLock",
     "collate_features",
-    "to_ray_dataset",
 ]
 
 

@@ -26,6 +26,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+from falcon.errors import FalconError
 from feature_store.storage import Location
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ LOCK_FILE = "WRITER.lock"
 DEFAULT_STALE_AFTER_S = 300.0
 
 
-class StoreLockedError(RuntimeError):
+class StoreLockedError(FalconError, RuntimeError):
     """Another writer holds the store's writer lock, or this writer no longer holds it."""
 
 

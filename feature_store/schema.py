@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from falcon.errors import FalconError
+
 # 2: store.json holds a store_id and every commit record names it (1 had neither).
 SCHEMA_VERSION = 2
 
@@ -37,7 +39,7 @@ HIDDEN_DTYPES = {"bfloat16": np.dtype("<u2"), "float16": np.dtype("<f2")}
 TOPK_DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
 
 
-class StoreMismatchError(ValueError):
+class StoreMismatchError(FalconError, ValueError):
     """An existing store does not match what the caller expects (target, schema, config)."""
 
 

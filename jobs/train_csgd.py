@@ -3,7 +3,7 @@
     python jobs/train_csgd.py --config jobs/configs/smollm2-demo.yaml [--set key=value ...] [--fresh]
     ray job submit --working-dir . -- python jobs/train_csgd.py --config jobs/configs/<name>.yaml
 
-Reads the `train:` section of the config (see pipelines/train.py:TrainConfig); `--set` keys are relative to
+Reads the `train:` section of the config (see pipelines/train/config.py: TrainConfig); `--set` keys are relative to
 it (`--set optimizer.lr=1e-4`). Without `ray.address` or RAY_ADDRESS it starts a local Ray.
 """
 
@@ -12,16 +12,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, also under `ray job submit`
 
-from pipelines.config import load_section, run_job  # noqa: E402
-from pipelines.train import TrainConfig, TrainSetupError, run_training  # noqa: E402
+from pipelines.run_config import run_job  # noqa: E402
+from pipelines.train import run_training  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     return run_job(
         "train_csgd", __doc__.splitlines()[0], "train",
-        load=lambda path, overrides: load_section(TrainConfig, path, "train", overrides),
         run=lambda config, args: run_training(config, fresh=args.fresh),
-        errors=(TrainSetupError,), argv=argv,
+        argv=argv,
         fresh_help="delete the run directory's checkpoints and start over",
     )
 

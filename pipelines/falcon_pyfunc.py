@@ -19,7 +19,8 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 from falcon.generate import SamplingConfig
-from pipelines.inference import PREDICT_COLUMNS, PREDICT_PARAMS, PYFUNC_ARTIFACT, generate_text, load_falcon
+from pipelines.inference import generate_text, load_falcon
+from pipelines.package_format import PREDICT_COLUMNS, PREDICT_PARAMS, PYFUNC_ARTIFACT
 
 
 class FalconPyfunc(PythonModel):

@@ -6,15 +6,7 @@
 
     python -m pipelines.inference --model models:/falcon-smollm2@champion --prompt "..."
 
-A package is a directory (see `pipelines.packaging`, which writes it):
-
-    drafter/          model.safetensors (weights and the draft-to-target vocabulary map) + drafter_config.json
-    tree.json         {"paths": [[rank, ...], ...], "block_size": k, "summary": {...}}
-    target.json       {"spec": load_target spec, "fingerprint": ..., "trust_remote_code": ..., "code_sha256": ...,
-                       "description": ...}
-    package.json      {"format": 1, "content_hash": ..., "expected": {...}}
-    tree_report.json  how the tree was chosen (acceptance table, timings)
-
+A package is a directory (layout in `pipelines.package_format`, written by `pipelines.packaging`).
 Registered models hold it as the pyfunc artifact `package` (`pipelines/falcon_pyfunc.py`). The target is
 loaded from the spec the package names, or given by the caller; either way its fingerprint must be the one
 the package was made for.
@@ -27,7 +19,6 @@ the target's Python files must be the ones the package was made with (`code_sha2
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -36,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
+from falcon.devices import resolve_dtype
 from falcon.drafter import DrafterMismatchError, load_drafter
 from falcon.generate import FalconDecoder, GenerationResult, SamplingConfig, autoregressive_generate
 from falcon.lookup import LookupConfig
@@ -47,28 +38,11 @@ from falcon.target import (
     eos_token_ids,
     load_target,
     remote_code_digest,
-    resolve_dtype,
     target_fingerprint,
 )
 from falcon.tree import MAX_TREE_NODES, Tree, TreeConfig, TreeError, build_tree
+from pipelines.package_format import DRAFTER_DIR, TREE_FILE, PackageError, find_package_dir, read_package
 from pipelines.tracking import DEFAULT_TRACKING_URI, resolve_tracking_uri
-
-PACKAGE_FORMAT = 1
-DRAFTER_DIR = "drafter"
-TREE_FILE = "tree.json"
-TARGET_FILE = "target.json"
-PACKAGE_FILE = "package.json"
-REPORT_FILE = "tree_report.json"
-PYFUNC_ARTIFACT = "package"  # the pyfunc's artifact key
-
-# The pyfunc's predict parameters and their defaults (also its MLflow signature; see pipelines.packaging).
-PREDICT_PARAMS = {"max_new_tokens": 256, "temperature": 0.0, "top_p": 1.0, "seed": -1}
-PREDICT_COLUMNS = {"text": "string", "num_tokens": "long", "tau": "double", "tokens_per_s": "double",
-                   "seconds": "double", "steps": "long"}
-
-
-class PackageError(ValueError):
-    """A package that cannot be found or read; the message says what is wrong."""
 
 
 @dataclass
@@ -90,38 +64,6 @@ class FalconPackage:
 
 # ---------------------------------------------------------------------------------------------------
 # Locating a package
-
-
-def find_package_dir(path: str | Path) -> Path:
-    """The package inside a package directory itself, an MLflow model directory, or a packaging run directory."""
-    path = Path(path)
-    if (path / PACKAGE_FILE).is_file():
-        return path
-    mlmodel = path / "MLmodel"
-    if mlmodel.is_file():
-        flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}).get("python_function", {})
-        artifact = (flavor.get("artifacts") or {}).get(PYFUNC_ARTIFACT)
-        if isinstance(artifact, dict) and isinstance(artifact.get("path"), str):
-            package_dir = _artifact_dir(path, artifact["path"])
-            if (package_dir / PACKAGE_FILE).is_file():
-                return package_dir
-        raise PackageError(f"{path} is an MLflow model but not a Falcon package (no '{PYFUNC_ARTIFACT}' artifact)")
-    if (path / "package" / PACKAGE_FILE).is_file():  # a packaging run directory
-        return path / "package"
-    raise PackageError(
-        f"no Falcon package at {path}: expected {PACKAGE_FILE} there, an MLflow model directory, or a packaging "
-        "run directory holding package/"
-    )
-
-
-def _artifact_dir(model_dir: Path, artifact_path: str) -> Path:
-    """The directory an MLmodel names, refused unless it lies inside the model directory (no `..`, no absolute
-    path, no symlink out): a downloaded model must not make us read files elsewhere on this machine."""
-    resolved = (model_dir / artifact_path).resolve()
-    if not resolved.is_relative_to(model_dir.resolve()):
-        raise PackageError(f"{model_dir / 'MLmodel'}: the '{PYFUNC_ARTIFACT}' artifact path {artifact_path!r} leaves the "
-                           "model directory; refusing to read it (a damaged or hostile model)")
-    return resolved
 
 
 def _registry_version(uri: str, tracking_uri: str) -> dict[str, Any]:
@@ -160,18 +102,6 @@ def _download(uri: str, tracking_uri: str, destination: Path) -> Path:
         raise PackageError(f"cannot download {uri} from {tracking_uri}: {error.message}") from None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise PackageError(f"incomplete package: {path} is missing")
-    try:
-        content = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise PackageError(f"damaged package: {path} is not valid JSON ({error}); package the drafter again") from None
-    if not isinstance(content, dict):
-        raise PackageError(f"damaged package: {path} holds a {type(content).__name__}, not a JSON object")
-    return content
-
-
 # ---------------------------------------------------------------------------------------------------
 # Loading
 
@@ -208,13 +138,7 @@ def load_falcon(uri: str | Path, *, device: str = "cpu", dtype: str = "auto", tr
 
 def _load_from_dir(package_dir: Path, info: dict[str, Any], device: str, dtype: str, target,
                    trust_remote_code: bool) -> FalconPackage:
-    meta = _read_json(package_dir / PACKAGE_FILE)
-    if meta.get("format") != PACKAGE_FORMAT:
-        raise PackageError(f"{package_dir}: package format {meta.get('format')!r}, this code reads {PACKAGE_FORMAT}")
-    target_ref = _read_json(package_dir / TARGET_FILE)
-    tree = _read_json(package_dir / TREE_FILE)
-    if not isinstance(target_ref.get("fingerprint"), str):
-        raise PackageError(f"damaged package: {package_dir / TARGET_FILE} records no target fingerprint")
+    meta, target_ref, tree = read_package(package_dir)
 
     model, tokenizer, spec = _package_target(target_ref, target, device, dtype, trust_remote_code)
     fingerprint = _checked_fingerprint(target_ref, model, tokenizer, spec)

@@ -1,12 +1,12 @@
 """Package a trained drafter with its decoding tree and target reference as one MLflow model, register it,
 check it, and point an alias at it.
 
-    result = run_packaging(load_package_config("jobs/configs/smollm2-demo.yaml"))
+    result = run_packaging(load_stage("package", "jobs/configs/smollm2-demo.yaml"))  # pipelines.run_config
     result.model_uri  # models:/falcon-smollm2@champion
 
 Steps: load the target and the drafter (fingerprints checked against each other and against the store),
 choose the tree (`pipelines.tree_tuning`: tuned on the held-out split training left out, a preset or a fixed
-shape), write the package directory (layout in `pipelines.inference`), log it as a pyfunc model FROM
+shape), write the package directory (layout in `pipelines.package_format`), log it as a pyfunc model FROM
 CODE (`pipelines/falcon_pyfunc.py`; nothing pickled) in an MLflow run, registered under `model_name`. Then
 the check: the registered version is loaded back from the registry (drafter, tree, target fingerprint) and
 decodes a short prompt as plain greedy decoding does (a divergence passes only as a numerical tie, judged as
@@ -33,41 +33,30 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
 import sys
-import time
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from falcon.devices import resolve_dtype
 from falcon.drafter import CONFIG_FILE, WEIGHTS_FILE, DrafterMismatchError, load_drafter
 from falcon.lookup import LookupConfig
-from falcon.target import describe_target, load_target, remote_code_digest, resolve_dtype, target_fingerprint
-from pipelines.benchmark import DEFAULT_TIE_FACTOR, DivergenceAuditor, first_divergence
-from pipelines.config import ConfigError, load_section
-from pipelines.inference import (
-    DRAFTER_DIR,
-    PACKAGE_FILE,
-    PACKAGE_FORMAT,
+from falcon.target import describe_target, load_target, remote_code_digest, target_fingerprint
+from pipelines.benchmark.audit import DivergenceAuditor, first_divergence
+from pipelines.benchmark.config import DEFAULT_TIE_FACTOR
+from pipelines.drafter_record import TRAIN_INFO_FILE, read_training_record
+from pipelines.inference import FalconPackage, encode_prompt, generate_text, load_falcon
+from pipelines.lookup_tuning import LookupTuningConfig, describe_lookup
+from pipelines.package_format import (
     PREDICT_COLUMNS,
     PREDICT_PARAMS,
     PYFUNC_ARTIFACT,
-    REPORT_FILE,
-    TARGET_FILE,
-    TREE_FILE,
-    FalconPackage,
     PackageError,
-    encode_prompt,
-    generate_text,
-    load_falcon,
+    write_package,
 )
-from pipelines.lookup_tuning import LookupTuningConfig, describe_lookup
 from pipelines.ray_utils import use_torch_threads
-from pipelines.tracking import DEFAULT_TRACKING_URI, ensure_experiment, redact, resolve_tracking_uri
-from pipelines.train import TRAIN_INFO_FILE
+from pipelines.tracking import MlflowConfig, ensure_experiment, redact, resolve_tracking_uri
 from pipelines.tree_tuning import TreeTuningConfig, resolve_tree
 
 PYFUNC_FILE = Path(__file__).with_name("falcon_pyfunc.py")
@@ -79,32 +68,29 @@ MODEL_ARTIFACT_NAME = "falcon"
 TUNED_TREES_DIR = "tuned_trees"  # in run_dir: each tuned tree with the inputs it was tuned for
 SUMMARY_FILE = "summary.json"
 PACKAGE_SUBDIR = "package"
-TRAIN_RUN_ID_FILE = "mlflow_run_id"  # written by the training job next to its drafter/ directory
 # The libraries the pyfunc imports at load time, pinned to this environment's versions.
 REQUIRED_DISTRIBUTIONS = ("falcon-factory", "torch", "transformers", "tokenizers", "safetensors", "accelerate",
                           "gguf", "filelock", "numpy", "pandas", "pyyaml", "mlflow")
 # TrainConfig's defaults, used when the train section does not set them: the tree is tuned on the same
 # held-out samples training left out.
-TRAIN_SPLIT_DEFAULTS = {"eval_fraction": 0.05, "split_seed": 0}
 
 
 @dataclass
 class PackageConfig:
     run_dir: str  # tuned_trees/, summary.json and the staged package/
-    drafter_dir: str | None = None  # None: <train.run_dir>/drafter of the same config file
-    store: str | None = None  # feature store of the held-out samples; None: train.store, else extract.store
-    eval_fraction: float | None = None  # None: train.eval_fraction (the split training held out)
-    split_seed: int | None = None  # None: train.split_seed
+    drafter_dir: str | None = None  # a training run's drafter/ (in a run config: <train.run_dir>/drafter)
+    # Feature store of the held-out samples the tree is tuned on; None: the one the drafter's training record names
+    # (pipelines.drafter_record), whose held-out split is always the one training recorded.
+    store: str | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for the store URL
     target: str | None = None  # load_target spec (None: SmolLM2-135M-Instruct); must be the drafter's target
     trust_remote_code: bool = False
     device: str = "cpu"  # where the tree is timed, and the pyfunc's default device
-    dtype: str = "auto"  # the inference dtype (auto: see falcon.target.resolve_dtype); the tree is tuned in it
+    dtype: str = "auto"  # the inference dtype (auto: see falcon.devices.resolve_dtype); the tree is tuned in it
     torch_threads: int | None = None  # threads of the tree timing runs (None: every core, as a server would use)
     model_name: str = "falcon-drafter"  # registered model name
     alias: str = "champion"
-    tracking_uri: str = DEFAULT_TRACKING_URI
-    experiment: str = "falcon-drafter-package"
+    mlflow: MlflowConfig = field(default_factory=lambda: MlflowConfig(experiment="falcon-drafter-package"))
     tree: TreeTuningConfig = field(default_factory=TreeTuningConfig)
     # A chain of tokens copied from the context, verified beside the tree (falcon.lookup): fixed as given
     # (num_tokens 0: off) or tuned with the tree (pipelines.lookup_tuning).
@@ -112,55 +98,20 @@ class PackageConfig:
 
     def __post_init__(self) -> None:
         self.dtype = resolve_dtype(self.dtype, self.device)
+        if not self.mlflow.enabled:
+            raise ValueError("mlflow.enabled is false, but packaging registers the model in MLflow's registry")
         if not self.run_dir:
             raise ValueError("run_dir must be set")
         if not self.model_name or any(c in self.model_name for c in "'\"/@:"):
             raise ValueError(f"model_name {self.model_name!r} must be non-empty without quotes, '/', '@' or ':'")
         if not self.alias or self.alias == "latest" or (self.alias[0] in "vV" and self.alias[1:].isdigit()):
             raise ValueError(f"alias {self.alias!r} is reserved or empty (MLflow forbids 'latest' and 'v<N>')")
-        if self.eval_fraction is not None and not 0.0 < self.eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
         if not isinstance(self.lookup, LookupTuningConfig):  # decoder settings given directly: used as given
             self.lookup = LookupTuningConfig(**asdict(self.lookup))
 
 
-def load_package_config(path: str | Path, overrides: list[str] | None = None) -> PackageConfig:
-    """The `package:` section of a job config, with unset inputs taken from its `train:` / `extract:` sections.
-
-    Only the YAML of those sections is read (not their `--set` overrides): a job that trained elsewhere
-    passes `--set drafter_dir=...` (and `store=...`) here.
-    """
-    config = load_section(PackageConfig, path, "package", overrides)
-    sections = yaml.safe_load(Path(path).read_text()) or {}
-    train = sections.get("train") if isinstance(sections.get("train"), dict) else {}
-    extract = sections.get("extract") if isinstance(sections.get("extract"), dict) else {}
-    if config.drafter_dir is None:
-        if not train.get("run_dir"):
-            raise ConfigError(f"{path}: set package.drafter_dir, or a train.run_dir whose drafter/ to package")
-        config.drafter_dir = str(Path(train["run_dir"]) / DRAFTER_DIR)
-    if config.store is None:
-        config.store = train.get("store") or extract.get("store")
-    for name, default in TRAIN_SPLIT_DEFAULTS.items():
-        if getattr(config, name) is None:
-            setattr(config, name, train.get(name, default))
-    return config
-
-
 # ---------------------------------------------------------------------------------------------------
 # The package directory
-
-
-def content_hash(drafter_dir: Path, tree_paths: list[list[int]], fingerprint: str, lookup: dict[str, Any]) -> str:
-    """sha256 over what the package computes with: drafter weights and config, tree, lookup, target fingerprint."""
-    digest = hashlib.sha256()
-    with (drafter_dir / WEIGHTS_FILE).open("rb") as weights:
-        for chunk in iter(lambda: weights.read(1 << 20), b""):
-            digest.update(chunk)
-    drafter_config = json.loads((drafter_dir / CONFIG_FILE).read_text())
-    canonical_paths = sorted((list(p) for p in tree_paths), key=lambda p: (len(p), p))
-    for part in (drafter_config, canonical_paths, fingerprint, lookup):
-        digest.update(json.dumps(part, sort_keys=True).encode())
-    return digest.hexdigest()
 
 
 def target_reference(spec: str | None, target, tokenizer, trust_remote_code: bool) -> dict[str, Any]:
@@ -171,33 +122,6 @@ def target_reference(spec: str | None, target, tokenizer, trust_remote_code: boo
     spec = str(Path(spec).resolve()) if spec and Path(spec).exists() else spec
     return {"spec": spec, "fingerprint": target_fingerprint(target, tokenizer), "trust_remote_code": trust_remote_code,
             "code_sha256": remote_code_digest(spec), "description": describe_target(target, tokenizer)}
-
-
-def write_package(package_dir: Path, drafter_dir: Path, tree_paths: list[list[int]], tree_report: dict[str, Any],
-                  target_ref: dict[str, Any], lookup: LookupConfig) -> dict[str, Any]:
-    """(Re)write the package directory; returns its package.json content."""
-    if package_dir.exists():
-        shutil.rmtree(package_dir)
-    shutil.copytree(drafter_dir, package_dir / DRAFTER_DIR)
-    train_info = package_dir / DRAFTER_DIR / TRAIN_INFO_FILE
-    if train_info.is_file():  # drafters trained before credentials were redacted carry their storage options
-        train_info.write_text(json.dumps(redact(json.loads(train_info.read_text())), indent=2) + "\n")
-    block_size, lookup_settings = tree_report["block_size"], asdict(lookup)
-    (package_dir / TREE_FILE).write_text(json.dumps(
-        {"paths": tree_paths, "block_size": block_size, "summary": tree_report["summary"], "lookup": lookup_settings},
-        indent=1) + "\n")
-    (package_dir / TARGET_FILE).write_text(json.dumps(target_ref, indent=2) + "\n")
-    (package_dir / REPORT_FILE).write_text(json.dumps(tree_report, indent=1) + "\n")
-    meta = {
-        "format": PACKAGE_FORMAT,
-        "content_hash": content_hash(drafter_dir, tree_paths, target_ref["fingerprint"], lookup_settings),
-        "tree_mode": tree_report["mode"],
-        "expected": {key: tree_report[key] for key in ("expected_tau", "empirical_tau", "expected_speedup", "step_ms",
-                                                       "plain_step_ms") if key in tree_report},
-        "created_unix": int(time.time()),
-    }
-    (package_dir / PACKAGE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    return meta
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -353,19 +277,39 @@ class PackageResult:
         return self.published.model_uri
 
 
-def _tuning_key(config: PackageConfig, drafter_dir: Path, fingerprint: str) -> dict[str, Any]:
+def _tuning_key(config: PackageConfig, drafter_dir: Path, fingerprint: str, held_out: HeldOut | None) -> dict[str, Any]:
     """What a tuned tree depends on; a stored tree made for another key is re-tuned."""
     digest = hashlib.sha256((drafter_dir / WEIGHTS_FILE).read_bytes()).hexdigest()
-    return {"drafter_sha256": digest, "target_fingerprint": fingerprint, "store": config.store,
-            "eval_fraction": config.eval_fraction, "split_seed": config.split_seed, "device": config.device,
+    return {"drafter_sha256": digest, "target_fingerprint": fingerprint,
+            "held_out": dataclasses.asdict(held_out) if held_out else None, "device": config.device,
             "dtype": config.dtype, "tree": dataclasses.asdict(config.tree), "lookup": dataclasses.asdict(config.lookup)}
+
+
+@dataclass
+class HeldOut:
+    """The held-out samples a tree is measured on: the split the drafter's training left out."""
+
+    store: str
+    eval_fraction: float
+    split_seed: int
+
+
+def held_out_split(config: PackageConfig, drafter_dir: Path) -> HeldOut | None:
+    """The split to measure on, from the drafter's training record (its store unless `config.store` names one).
+    None when nothing is tuned and no store was named: fixed and preset trees are then packaged unmeasured."""
+    tuned = "tuned" in (config.tree.mode, config.lookup.mode)
+    if not tuned and config.store is None:
+        return None
+    record = read_training_record(drafter_dir)
+    return HeldOut(config.store or record.store, record.eval_fraction, record.split_seed)
 
 
 def _resolve_tree_report(config: PackageConfig, drafter, target, fingerprint: str, drafter_dir: Path,
                          run_dir: Path, fresh: bool) -> dict[str, Any]:
     """The tree and lookup settings and their report; tuned ones are kept per inputs in run_dir and reused
     unless `fresh`."""
-    key = _tuning_key(config, drafter_dir, fingerprint)
+    held_out = held_out_split(config, drafter_dir)
+    key = _tuning_key(config, drafter_dir, fingerprint, held_out)
     key_digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     stored_path = run_dir / TUNED_TREES_DIR / f"{key_digest}.json"
     tuned = "tuned" in (config.tree.mode, config.lookup.mode)
@@ -376,12 +320,13 @@ def _resolve_tree_report(config: PackageConfig, drafter, target, fingerprint: st
                   file=sys.stderr)
             return stored["report"]
     store = eval_indices = None
-    if config.store is not None:
+    if held_out is not None:
         from feature_store import FeatureStore
 
-        store = FeatureStore.open(config.store, expect_fingerprint=fingerprint, storage_options=config.storage_options)
-        _, eval_indices = store.split(config.eval_fraction, config.split_seed)
-        print(f"package: {len(eval_indices)} held-out samples of {store.num_samples} in {config.store}", file=sys.stderr)
+        store = FeatureStore.open(held_out.store, expect_fingerprint=fingerprint, storage_options=config.storage_options)
+        _, eval_indices = store.split(held_out.eval_fraction, held_out.split_seed)
+        print(f"package: {len(eval_indices)} held-out samples of {store.num_samples} in {redact(held_out.store)}",
+              file=sys.stderr)
     _, report = resolve_tree(config.tree, drafter, target, store, eval_indices, config.lookup)
     if tuned:
         stored_path.parent.mkdir(parents=True, exist_ok=True)
@@ -409,16 +354,16 @@ def run_packaging(config: PackageConfig, *, fresh: bool = False) -> PackageResul
     summary = report["summary"]
     params = {"tree_mode": report["mode"], "tree_nodes": summary["nodes"], "tree_depth": summary["depth"],
               "block_size": report["block_size"], "target_fingerprint": fingerprint, "drafter_dir": str(drafter_dir),
-              "store": config.store, "device": config.device, "dtype": config.dtype,
+              "device": config.device, "dtype": config.dtype,
               "lookup_mode": config.lookup.mode, "lookup_tokens": lookup.num_tokens, "lookup_max_tokens": lookup.max_tokens}
     metrics = {key: float(report[key]) for key in ("expected_tau", "empirical_tau", "expected_speedup", "step_ms",
                                                     "plain_step_ms") if key in report}
     tags = {CONTENT_HASH_TAG: meta["content_hash"]}
-    train_run_id_file = drafter_dir.parent / TRAIN_RUN_ID_FILE
-    if train_run_id_file.is_file():
-        tags["falcon.train_run_id"] = train_run_id_file.read_text().strip()
+    if (drafter_dir / TRAIN_INFO_FILE).is_file() and read_training_record(drafter_dir).mlflow_run_id:
+        tags["falcon.train_run_id"] = read_training_record(drafter_dir).mlflow_run_id
     published = publish(package_dir, meta["content_hash"], alias=config.alias, target=target, tokenizer=tokenizer,
-                        model_name=config.model_name, tracking_uri=config.tracking_uri, experiment=config.experiment,
+                        model_name=config.model_name, tracking_uri=config.mlflow.tracking_uri,
+                        experiment=config.mlflow.experiment,
                         model_config={"device": config.device, "dtype": config.dtype},
                         params=params, metrics=metrics, tags=tags)
     result = PackageResult(published, tree_paths, report, str(package_dir), lookup)

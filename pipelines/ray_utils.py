@@ -2,8 +2,8 @@
 
 A job either joins an existing cluster (`ray.address` in its config, or `RAY_ADDRESS`, which
 `ray job submit` sets for the job's driver) or starts a private local Ray kept on loopback
-(DESIGN.md §8: without `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` and a 127.0.0.1 node address Ray
-binds to the machine's public interface).
+(without `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` and a 127.0.0.1 node address Ray binds to the machine's public
+interface).
 """
 
 from __future__ import annotations

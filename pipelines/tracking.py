@@ -6,11 +6,22 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"
 SQLITE = "sqlite:///"
+
+
+@dataclass
+class MlflowConfig:
+    """Where a stage logs: the `mlflow` of train, package and benchmark (in a run config, from its one `mlflow:`
+    block: pipelines.run_config)."""
+
+    tracking_uri: str = DEFAULT_TRACKING_URI  # also the registry packages are registered in and loaded from
+    experiment: str = "falcon"
+    enabled: bool = True  # False: no run is logged (packaging needs the registry and refuses it)
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from falcon.csgd import CSGDConfig, csgd_step
+from falcon.drafter import Drafter, DrafterConfig, build_draft_vocab, save_drafter
 from falcon.generate import autoregressive_generate
 from falcon.target import load_target, target_fingerprint, target_parts
+from falcon.testing import make_tiny_target
 from feature_store import FeatureStore, StoreMetadata
+from pipelines.drafter_record import TrainingRecord, write_training_record
 
 PROMPTS = (
     "What is the capital of France?",
@@ -77,3 +82,50 @@ def write_target_store(url: str | Path, target_dir: str | Path, *, n_samples: in
         store.write_shard(shard_id, samples[start:start + samples_per_shard])
     store.commit_manifest()
     return store
+
+
+def train_briefly(drafter: Drafter, target, store, steps: int = 40) -> None:
+    """A few CSGD steps on every sample of the store (one right-padded batch): a drafter that is sometimes right."""
+    samples = [store.sample(i) for i in range(store.num_samples)]
+    length = max(len(s["input_ids"]) for s in samples)
+    batch = dict(hidden_states=torch.zeros(len(samples), length, store.metadata.hidden_size),
+                 input_ids=torch.zeros(len(samples), length, dtype=torch.long),
+                 loss_mask=torch.zeros(len(samples), length, dtype=torch.long))
+    for row, sample in enumerate(samples):
+        n = len(sample["input_ids"])
+        batch["hidden_states"][row, :n] = torch.from_numpy(sample["hidden_states"])
+        batch["input_ids"][row, :n] = torch.from_numpy(sample["input_ids"].astype(np.int64))
+        batch["loss_mask"][row, :n] = torch.from_numpy(sample["loss_mask"].astype(np.int64))
+    optimizer = torch.optim.AdamW(drafter.parameters(), lr=1e-2)
+    config = CSGDConfig(noise_bound=0.0, dist_weight=1.0, kl_weight=0.0)
+    generator = torch.Generator().manual_seed(0)
+    lm_head_weight = target.get_output_embeddings().weight.detach()
+    drafter.train()
+    for step in range(steps):
+        loss = csgd_step(drafter, batch, config, step / steps, lm_head_weight, generator)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    drafter.eval()
+
+
+def trained_drafter_workspace(root: Path) -> dict:
+    """A tiny target, a 12-sample store of its replies and a briefly trained drafter for it, under `root`; the
+    drafter records half the store as its held-out split, as the training job would."""
+    target_dir = root / "target"
+    make_tiny_target(save_dir=target_dir)
+    store = write_target_store(root / "store", target_dir, n_samples=12, samples_per_shard=6, reply_tokens=32)
+    target, tokenizer = load_target(target_dir)
+    fingerprint = target_fingerprint(target, tokenizer)
+    torch.manual_seed(0)
+    config = DrafterConfig.from_target(target.config, block_size=2, max_passes=3, draft_vocab_size=512,
+                                       target_fingerprint=fingerprint)
+    drafter = Drafter(config)
+    drafter.set_draft_vocab(build_draft_vocab(torch.from_numpy(store.token_counts()), 512))
+    drafter.attach_target(target.get_input_embeddings(), target.get_output_embeddings())
+    train_briefly(drafter, target, store)
+    save_drafter(drafter, root / "train" / "drafter")
+    write_training_record(root / "train" / "drafter",
+                          TrainingRecord(store=str(root / "store"), eval_fraction=0.5, split_seed=0))
+    return dict(root=root, target_dir=target_dir, store=store, drafter_dir=root / "train" / "drafter",
+                tracking_uri=f"sqlite:///{root / 'mlflow.db'}")

@@ -11,22 +11,19 @@ from falcon.drafter import Drafter, DrafterConfig, save_drafter
 from falcon.lookup import LookupConfig
 from falcon.target import load_target, target_fingerprint
 from falcon.testing import make_tiny_target
-from pipelines.benchmark import (
-    BenchmarkConfig,
-    BenchmarkError,
-    DatasetSpec,
-    DivergenceAuditor,
-    ExtraDrafter,
-    Run,
-    first_divergence,
-    read_samples,
-    run_benchmark,
-)
+from pipelines.benchmark import BenchmarkConfig, BenchmarkError, run_benchmark
+from pipelines.benchmark.audit import DivergenceAuditor, first_divergence
+from pipelines.benchmark.config import DatasetSpec, ExtraDrafter
+from pipelines.benchmark.methods import Run
+from pipelines.benchmark.run import read_samples
 from pipelines.inference import encode_prompt, load_falcon
 from pipelines.packaging import PackageConfig, run_packaging
+from pipelines.tracking import MlflowConfig
 from pipelines.tree_tuning import TreeTuningConfig
 
 PROMPTS = ["What is the capital of France?", "Write a short story about a robot.", "How do I sort a list?"]
+
+pytestmark = pytest.mark.slow  # Ray Train / DeepSpeed / MLflow end to end
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +40,8 @@ def workspace(tmp_path_factory):
         save_drafter(drafter, root / name)
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     run_packaging(PackageConfig(run_dir=str(root / "package"), drafter_dir=str(root / "k2"), target=str(root / "target"),
-                                dtype="float32", model_name="falcon-bench-test", tracking_uri=tracking_uri,
+                                dtype="float32", model_name="falcon-bench-test",
+                                mlflow=MlflowConfig(tracking_uri=tracking_uri),
                                 tree=TreeTuningConfig(mode="fixed", branching=[3, 2, 1, 1]),
                                 lookup=LookupConfig(num_tokens=4, min_ngram=1)))
     rows = [{"id": f"mt-{i}", "messages": [{"role": "user", "content": p}], "turns": [p, "Now say it shorter."]}
@@ -55,11 +53,12 @@ def workspace(tmp_path_factory):
 
 
 def bench_config(ws, **overrides) -> BenchmarkConfig:
-    values = dict(model="models:/falcon-bench-test@champion", tracking_uri=ws["tracking_uri"],
+    values = dict(model="models:/falcon-bench-test@champion",
+                  mlflow=MlflowConfig(tracking_uri=ws["tracking_uri"], experiment="bench-test"),
                   run_dir=str(ws["root"] / "bench"), dtype="float32", max_new_tokens=16, warmup_prompts=1,
                   datasets=[DatasetSpec("mt_bench", str(ws["root"] / "mt.jsonl"), max_samples=2, second_turn=True),
                             DatasetSpec("code", str(ws["root"] / "code.jsonl"))],
-                  extra_drafters=[ExtraDrafter("k1", str(ws["root"] / "k1"))], experiment="bench-test")
+                  extra_drafters=[ExtraDrafter("k1", str(ws["root"] / "k1"))])
     values.update(overrides)
     return BenchmarkConfig(**values)
 
@@ -128,4 +127,4 @@ def test_helpers_and_errors(workspace, tmp_path):
         bench_config(workspace, datasets=[DatasetSpec("a", "x"), DatasetSpec("a", "y")])
     with pytest.raises(BenchmarkError, match="no drafter directory"):
         run_benchmark(bench_config(workspace, extra_drafters=[ExtraDrafter("gone", str(tmp_path / "none"))],
-                                   mlflow=False))
+                                   mlflow=MlflowConfig(workspace["tracking_uri"], enabled=False)))

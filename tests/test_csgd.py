@@ -21,7 +21,7 @@ from falcon.csgd import (
     top1_by_block_offset,
 )
 from falcon.drafter import Drafter, DrafterConfig, build_draft_vocab
-from falcon.generate import DrafterState, draft_tree
+from falcon.drafting import DrafterState, draft_tree
 from falcon.glancing import glance_positions, glance_runs_wanted, glanced_inputs
 from falcon.passes import predicted_block_pass, teacher_forced_pass
 from falcon.tree import TreeConfig, build_tree
@@ -611,7 +611,7 @@ def test_a_rows_loss_terms_do_not_depend_on_the_other_rows(target, padded_batch)
 # -- pass 1: the drafter's own predictions as decoding feeds them --------------------------------------------
 def _inference_passes(drafter, hidden_states, input_ids, prefix, k):
     """What decoding's drafter passes 0 and 1 output after a true prefix of `prefix` positions: (features of
-    each pass (k, h), tokens drafted at depths 1..2k), recorded from falcon.generate.draft_tree."""
+    each pass (k, h), tokens drafted at depths 1..2k), recorded from falcon.drafting.draft_tree."""
     recorded = []
     hook = drafter.norm.register_forward_hook(lambda module, args, output: recorded.append(args[0][0].clone()))
     try:

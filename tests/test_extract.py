@@ -24,10 +24,12 @@ from feature_store import FeatureStore
 from feature_store.lock import LOCK_FILE, WriterLock
 from feature_store.schema import bfloat16_bits_to_float32, float32_to_bfloat16_bits
 from feature_store.storage import Location
-from pipelines.config import load_section
-from pipelines.data import tokenize_conversation
-from pipelines.extract import ExtractConfig, ExtractError, open_store, record_seed, run
-from pipelines.target_features import forward_batches, forward_features
+from pipelines.extract import ExtractConfig, ExtractError, run
+from pipelines.extract.records import record_seed
+from pipelines.extract.run import open_store
+from pipelines.extract.target_features import forward_batches, forward_features
+from pipelines.run_config import load_stage
+from pipelines.tokenization import tokenize_conversation
 
 pytestmark = pytest.mark.slow
 
@@ -109,7 +111,7 @@ def make_config(target_dir, input_path, store, run_dir, *more: str) -> ExtractCo
                  "max_samples=null", f"generation.max_new_tokens={MAX_NEW_TOKENS}",
                  f"generation.temperature={SAMPLING.temperature}", f"generation.top_p={SAMPLING.top_p}",
                  f"generation.seed={SAMPLING.seed}", *more]
-    return load_section(ExtractConfig, TINY_CONFIG, "extract", overrides)
+    return load_stage("extract", TINY_CONFIG, overrides)
 
 
 def cli_overrides(cfg: ExtractConfig) -> list[str]:

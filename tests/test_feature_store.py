@@ -20,7 +20,6 @@ import torch
 
 from feature_store.dataset import FeatureDataset, collate_features
 from feature_store.inspect import main as inspect_main
-from feature_store.ray_data import to_ray_dataset
 from feature_store.schema import (
     SampleError,
     StoreMetadata,
@@ -559,29 +558,3 @@ def test_inspect_prints_summary(tmp_path, capsys):
     assert f"samples          {store.num_samples}" in out
     assert "2 committed (ids 0..1)" in out and "up to date" in out and "OK" in out
     assert inspect_main([str(tmp_path / "missing")]) == 2
-
-
-@pytest.mark.slow
-def test_ray_dataset_reads_samples_in_workers(tmp_path, monkeypatch):
-    import ray  # here, not at the top: the feature store itself must import without Ray
-
-    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    store = FeatureStore.create(str(tmp_path), make_metadata())
-    for shard_id in range(2):
-        store.write_shard(shard_id, make_samples(shard_id, max_tokens=50))
-    store = FeatureStore.open(str(tmp_path))
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        indices = [6, 0, 3, 7]
-        rows = to_ray_dataset(store, indices, batch_size=2).take_all()
-    finally:
-        if started:
-            ray.shutdown()
-    assert sorted(int(r["sample_index"]) for r in rows) == sorted(indices)
-    for row in rows:
-        expected = store.sample(int(row["sample_index"]))
-        assert row["sample_id"] == expected["sample_id"]
-        for name in ("input_ids", "loss_mask", "hidden_states", "topk_values", "topk_indices", "logsumexp"):
-            np.testing.assert_array_equal(np.asarray(row[name]), expected[name])

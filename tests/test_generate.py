@@ -220,7 +220,7 @@ def test_speculative_sampling_keeps_the_target_distribution(temperature, top_p):
 @pytest.mark.parametrize("k", [1, 2])
 def test_drafter_state_reads_each_position_into_the_lstm_once(target, k):
     """draft_tree caches the LSTM outputs of uncommitted positions: step by step they equal one LSTM pass."""
-    from falcon.generate import DrafterState, draft_tree
+    from falcon.drafting import DrafterState, draft_tree
     from falcon.tree import build_tree
 
     drafter = new_drafter(target, k)

@@ -25,8 +25,10 @@ from pipelines.lookup_tuning import (
     lookup_candidates,
     replay_chain,
 )
-from pipelines.packaging import load_package_config, write_package
-from pipelines.tree_tuning import AcceptanceStats, TreeTuningConfig, TreeTuningError, resolve_tree
+from pipelines.package_format import write_package
+from pipelines.run_config import load_stage
+from pipelines.tree_tuning import TreeTuningConfig, TreeTuningError, resolve_tree
+from pipelines.tree_tuning.acceptance import AcceptanceStats
 from tests.store_fixtures import write_target_store
 from tests.test_package_loading import save_random_drafter
 
@@ -128,13 +130,13 @@ def test_package_config_reads_the_lookup_mode(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump({"package": {"run_dir": str(tmp_path), "drafter_dir": str(tmp_path), "store": "s",
                                                 "lookup": {"mode": "tuned", "max_chain": 24}}}))
-    config = load_package_config(path)
+    config = load_stage("package", path)
     assert isinstance(config.lookup, LookupTuningConfig) and config.lookup.mode == "tuned"
     assert config.lookup.max_chain == 24
-    assert load_package_config(path, ["lookup.mode=fixed", "lookup.num_tokens=4"]).lookup.settings() == \
+    assert load_stage("package", path, ["lookup.mode=fixed", "lookup.num_tokens=4"]).lookup.settings() == \
         LookupConfig(num_tokens=4)
     with pytest.raises(ConfigError, match="lookup.mode"):
-        load_package_config(path, ["lookup.mode=sometimes"])
+        load_stage("package", path, ["lookup.mode=sometimes"])
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -22,9 +22,10 @@ from falcon.lookup import LookupConfig
 from falcon.target import describe_target, load_target, target_fingerprint
 from falcon.testing import make_tiny_target
 from falcon.tree import MAX_TREE_NODES
-from pipelines.inference import PackageError, generate_text, load_falcon
+from pipelines.inference import generate_text, load_falcon
+from pipelines.package_format import PackageError
 from pipelines.packaging import write_package
-from pipelines.tree_tuning import tree_summary
+from pipelines.tree_tuning.resolve import tree_summary
 
 DRAFT_VOCAB = 64
 TREE_PATHS = [[0], [1], [0, 0]]
@@ -116,6 +117,7 @@ def test_the_cli_does_not_run_a_package_target_code(hostile, capsys):
     assert not hostile["marker"].exists()
 
 
+@pytest.mark.slow
 def test_a_registry_pull_does_not_run_a_package_target_code(hostile, tmp_path, monkeypatch):
     import mlflow
 

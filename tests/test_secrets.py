@@ -67,7 +67,9 @@ def test_names_that_are_not_credentials(name):
 
 def test_extraction_summary_names_the_store_without_credentials(tmp_path):
     from falcon.testing import make_tiny_target
-    from pipelines.extract import ExtractConfig, RejectCounter, summarise
+    from pipelines.data import RejectCounter
+    from pipelines.extract import ExtractConfig
+    from pipelines.extract.run import summarise
     from tests.store_fixtures import write_target_store
 
     make_tiny_target("llama", save_dir=tmp_path / "target")
@@ -79,14 +81,17 @@ def test_extraction_summary_names_the_store_without_credentials(tmp_path):
     assert summary["store"] == "s3://bucket/store" and summary["config"]["store"] == "s3://bucket/store"
 
 
+@pytest.mark.slow
 def test_benchmark_params_hold_no_credentials(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from pipelines.benchmark import BenchmarkConfig, log_to_mlflow
+    from pipelines.benchmark import BenchmarkConfig
+    from pipelines.benchmark.report import log_to_mlflow
+    from pipelines.tracking import MlflowConfig
 
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     model_uri = f"https://u:{PASSWORD}@models.example.com/falcon?sig={SECRET}"
-    config = BenchmarkConfig(model=model_uri, tracking_uri=tracking_uri, run_dir=str(tmp_path), experiment="secrets")
+    config = BenchmarkConfig(model=model_uri, run_dir=str(tmp_path), mlflow=MlflowConfig(tracking_uri, "secrets"))
     report = {"model": {"uri": model_uri, "fingerprint": "f", "registry": {}}, "machine": {"cpu": "test"},
               "results": {}}
     run_id = log_to_mlflow(config, tracking_uri, report, [])
@@ -97,6 +102,7 @@ def test_benchmark_params_hold_no_credentials(tmp_path):
     assert params["model"] == "https://models.example.com/falcon?sig=***"
 
 
+@pytest.mark.slow
 def test_packaging_a_drafter_whose_train_info_holds_credentials_registers_none(tmp_path):
     import torch
 
@@ -104,6 +110,7 @@ def test_packaging_a_drafter_whose_train_info_holds_credentials_registers_none(t
     from falcon.target import load_target, target_fingerprint
     from falcon.testing import make_tiny_target
     from pipelines.packaging import PackageConfig, run_packaging
+    from pipelines.tracking import MlflowConfig
     from pipelines.tree_tuning import TreeTuningConfig
 
     make_tiny_target("llama", save_dir=tmp_path / "target")
@@ -113,13 +120,15 @@ def test_packaging_a_drafter_whose_train_info_holds_credentials_registers_none(t
                                                 target_fingerprint=target_fingerprint(target, tokenizer)))
     drafter_dir = save_drafter(drafter, tmp_path / "train" / "drafter")
     # As training runs wrote it before credentials were redacted: the config with its storage options.
-    (drafter_dir / "train_info.json").write_text(json.dumps({"step": 4, "config": {
-        "store": f"s3://{KEY}:{SECRET}@bucket/store", "storage_options": {"key": KEY, "secret": SECRET},
-        "mlflow": {"tracking_uri": f"http://user:{PASSWORD}@127.0.0.1:5000"}}}))
+    (drafter_dir / "train_info.json").write_text(json.dumps({
+        "store": f"s3://{KEY}:{SECRET}@bucket/store", "eval_fraction": 0.05, "split_seed": 0, "step": 4,
+        "mlflow_tracking_uri": f"http://user:{PASSWORD}@127.0.0.1:5000", "config": {
+            "store": f"s3://{KEY}:{SECRET}@bucket/store", "storage_options": {"key": KEY, "secret": SECRET},
+            "mlflow": {"tracking_uri": f"http://user:{PASSWORD}@127.0.0.1:5000"}}}))
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_packaging(PackageConfig(run_dir=str(tmp_path / "package"), drafter_dir=str(drafter_dir),
                                 target=str(tmp_path / "target"), dtype="float32", model_name="falcon-secrets",
-                                tracking_uri=tracking_uri, tree=TreeTuningConfig(mode="preset")))
+                                mlflow=MlflowConfig(tracking_uri), tree=TreeTuningConfig(mode="preset")))
     assert_no_secret_in_files(tmp_path, exclude=drafter_dir)
     packaged_info = json.loads((tmp_path / "package" / "package" / "drafter" / "train_info.json").read_text())
     assert packaged_info["step"] == 4 and packaged_info["config"]["store"] == "s3://bucket/store"

@@ -128,8 +128,9 @@ def test_a_damaged_manifest_is_rebuilt_with_a_warning(tmp_path, caplog):
 
 
 def test_training_setup_opens_a_store_with_damaged_files(tmp_path):
-    """pipelines/train.py's own store check: a rebuildable file is rebuilt, a damaged shard is named."""
-    from pipelines.train import TrainConfig, TrainSetupError, open_checked_store
+    """The training plan's own store check: a rebuildable file is rebuilt, a damaged shard is named."""
+    from pipelines.train import TrainConfig, TrainSetupError
+    from pipelines.train.plan import open_checked_store
 
     url = tmp_path / "store"
     write_missing_shards(str(url), n_shards=3)

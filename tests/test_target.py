@@ -11,13 +11,7 @@ import torch
 from transformers import AutoTokenizer
 
 import falcon.target
-from falcon.target import (
-    TargetLoadError,
-    describe_target,
-    load_target,
-    target_fingerprint,
-    target_parts,
-)
+from falcon.target import TargetLoadError, describe_target, load_target, target_fingerprint, target_parts
 from falcon.testing import make_tiny_target
 
 FAMILIES = ["llama", "qwen2"]
@@ -360,7 +354,7 @@ def test_gguf_is_converted_once_and_matches_the_original(tmp_path, monkeypatch):
 
 
 def test_auto_dtype_is_bfloat16_only_where_the_device_computes_it_natively(monkeypatch):
-    from falcon.target import resolve_dtype
+    from falcon.devices import resolve_dtype
     from pipelines.benchmark import BenchmarkConfig
 
     assert resolve_dtype("float16", "cpu") == "float16" and resolve_dtype("auto", "cuda:0") == "bfloat16"

@@ -6,7 +6,7 @@ import torch
 
 from falcon.generate import autoregressive_generate
 from falcon.target import target_parts
-from pipelines.target_features import (
+from pipelines.extract.target_features import (
     forward_batches,
     forward_features,
     generation_batches,

@@ -10,6 +10,7 @@ that must not reach MLflow or any file.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -27,29 +28,22 @@ from falcon.target import load_target, target_fingerprint
 from falcon.testing import make_tiny_target
 from falcon.tree import TreeConfig
 from feature_store import FeatureStore
-from pipelines.config import ConfigError, load_section
+from pipelines.config import ConfigError
 from pipelines.ray_utils import RayConfig, init_ray
-from pipelines.train import (
-    TrainConfig,
-    TrainingDivergedError,
-    TrainSetupError,
-    chain_acceptance_length,
-    committed_checkpoint,
-    epoch_batches,
-    export_drafter,
-    load_frozen_embedding_and_head,
-    locate_embedding_and_head,
-    mlflow_params,
-    prepare_run,
-    run_training,
-    train_info,
-    training_windows,
-)
+from pipelines.run_config import load_stage
+from pipelines.train import TrainConfig, TrainingDivergedError, TrainSetupError, run_training
+from pipelines.train.batches import epoch_batches, training_windows
+from pipelines.train.driver import export_drafter, mlflow_params
+from pipelines.train.engine import load_frozen_embedding_and_head, training_record
+from pipelines.train.metrics import chain_acceptance_length
+from pipelines.train.plan import committed_checkpoint, locate_embedding_and_head, prepare_run
 from tests.store_fixtures import prompt_ids, write_target_store
 from tests.test_secrets import KEY, PASSWORD, SECRET, assert_no_secret, assert_no_secret_in_files
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "jobs" / "configs" / "tiny.yaml"
+
+pytestmark = pytest.mark.slow  # Ray Train / DeepSpeed / MLflow end to end
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +55,7 @@ def workspace(tmp_path_factory):
 
 
 def tiny_config(workspace: Path, *overrides: str) -> TrainConfig:
-    return load_section(TrainConfig, TINY_CONFIG, "train", [
+    return load_stage("train", TINY_CONFIG, [
         f"store={workspace / 'store'}", f"target={workspace / 'target'}", f"run_dir={workspace / 'runs' / 'tiny'}",
         f"mlflow.tracking_uri=sqlite:///{workspace / 'mlflow.db'}",
         f"storage_options={{key: {KEY}, secret: {SECRET}}}",  # fsspec's local filesystem ignores them
@@ -227,7 +221,7 @@ def test_params_and_train_info_hold_no_credentials(workspace):
                                    f"run_dir={workspace / 'runs' / 'unused'}"))
     params = mlflow_params(plan)
     assert_no_secret(params)
-    assert_no_secret(train_info(plan, 4, {"eval/loss": 1.0}))
+    assert_no_secret(dataclasses.asdict(training_record(plan, 4, {"eval/loss": 1.0})))
     assert params["config.mlflow.tracking_uri"] == "http://127.0.0.1:5000"
     assert params["config.optimizer.lr"] == "0.003" and not any("storage_options" in key for key in params)
 
