@@ -359,8 +359,9 @@ def run_packaging(config: PackageConfig, *, fresh: bool = False) -> PackageResul
     metrics = {key: float(report[key]) for key in ("expected_tau", "empirical_tau", "expected_speedup", "step_ms",
                                                     "plain_step_ms") if key in report}
     tags = {CONTENT_HASH_TAG: meta["content_hash"]}
-    if (drafter_dir / TRAIN_INFO_FILE).is_file() and read_training_record(drafter_dir).mlflow_run_id:
-        tags["falcon.train_run_id"] = read_training_record(drafter_dir).mlflow_run_id
+    record = read_training_record(drafter_dir) if (drafter_dir / TRAIN_INFO_FILE).is_file() else None
+    if record is not None and record.mlflow_run_id:
+        tags["falcon.train_run_id"] = record.mlflow_run_id
     published = publish(package_dir, meta["content_hash"], alias=config.alias, target=target, tokenizer=tokenizer,
                         model_name=config.model_name, tracking_uri=config.mlflow.tracking_uri,
                         experiment=config.mlflow.experiment,
