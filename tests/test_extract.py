@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ from pipelines.extract.run import open_store
 from pipelines.extract.target_features import forward_batches, forward_features
 from pipelines.run_config import load_stage
 from pipelines.tokenization import tokenize_conversation
+from tests.servers import ACCESS_KEY, SECRET_KEY, s3_server
 
 pytestmark = pytest.mark.slow
 
@@ -203,18 +205,34 @@ def test_store_of_another_target_is_refused_with_a_clear_message(reference_run, 
     assert FeatureStore.open(cfg.store).num_samples == len(inputs[1])  # untouched
 
 
-def test_kill_9_mid_run_then_rerun_gives_the_identical_store(reference_run, local_ray, workdir, inputs):
+@pytest.fixture(scope="module")
+def s3(workdir):
+    with s3_server(workdir) as server:
+        yield server
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_kill_9_mid_run_then_rerun_gives_the_identical_store(where, reference_run, local_ray, workdir, inputs,
+                                                              request):
     reference_cfg, _ = reference_run
-    cfg = make_config(reference_cfg.target, reference_cfg.inputs[0], workdir / "store-killed", workdir / "run-killed")
-    shards_dir = Path(cfg.store) / "shards"
-    log = open(workdir / "killed-run.log", "w")
+    run_dir, more = workdir / f"run-killed-{where}", []
+    if where == "local":
+        store = workdir / "store-killed"
+    else:  # the same on an S3 API server, credentials in the config this time (redacted wherever they go)
+        s3 = request.getfixturevalue("s3")
+        store = f"s3://{s3.bucket}/store-killed"
+        more = [f"storage_options={json.dumps({'key': ACCESS_KEY, 'secret': SECRET_KEY, **s3.storage_options})}"]
+    cfg = make_config(reference_cfg.target, reference_cfg.inputs[0], store, run_dir, *more)
+    location = Location(str(cfg.store), cfg.storage_options)
+    log_path = workdir / f"killed-run-{where}.log"
+    log = open(log_path, "w")
     job = subprocess.Popen(
-        [sys.executable, str(JOB), "--config", str(TINY_CONFIG),
-         *cli_overrides(cfg), "--set", f"ray.address={local_ray}"],
+        [sys.executable, str(JOB), "--config", str(TINY_CONFIG), *cli_overrides(cfg),
+         *(arg for item in more for arg in ("--set", item)), "--set", f"ray.address={local_ray}"],
         stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
     )
     deadline = time.monotonic() + 120
-    while not list(shards_dir.glob("shard-*/COMMITTED.json")):
+    while not location.glob(location.path("shards", "shard-*", "COMMITTED.json")):
         assert job.poll() is None, f"the job ended before committing a shard; see {log.name}"
         assert time.monotonic() < deadline, "no shard committed within 120 s"
         time.sleep(0.02)
@@ -222,8 +240,9 @@ def test_kill_9_mid_run_then_rerun_gives_the_identical_store(reference_run, loca
     job.wait()
     log.close()
 
+    open_killed = partial(FeatureStore.open, str(cfg.store), storage_options=cfg.storage_options)
     n_shards = len(FeatureStore.open(reference_cfg.store).shards)
-    committed = FeatureStore.open(cfg.store).committed_shards()
+    committed = open_killed().committed_shards()
     assert 0 < len(committed) < n_shards, f"kill landed after the run ended ({len(committed)} shards)"
     time.sleep(2)  # let Ray reap the dead driver's actors
     _, rows = inputs
@@ -235,10 +254,15 @@ def test_kill_9_mid_run_then_rerun_gives_the_identical_store(reference_run, loca
     assert summary["shards_written"] == n_shards - len(committed)
     assert summary["replies_generated"] == to_reply  # the shards not committed are done again, identically
 
-    resumed, reference = FeatureStore.open(cfg.store), FeatureStore.open(reference_cfg.store)
+    resumed, reference = open_killed(), FeatureStore.open(reference_cfg.store)
     assert resumed.metadata == reference.metadata
     assert resumed.read_manifest().to_pylist() == reference.read_manifest().to_pylist()  # incl. checksums
     assert resumed.verify().ok and not resumed.verify().partial
+    if where == "s3":
+        written = [log_path, *run_dir.rglob("*")]
+        assert not [p for p in written if p.is_file() and SECRET_KEY.encode() in p.read_bytes()]
+        objects = location.fs.find(location.root)
+        assert objects and not [p for p in objects if SECRET_KEY.encode() in location.fs.cat_file(p)]
 
 
 def test_a_truncated_commit_record_is_reported_and_the_shard_extracted_again(reference_run, workdir, caplog):

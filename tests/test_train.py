@@ -33,6 +33,7 @@ from pipelines.ray_utils import RayConfig, init_ray
 from pipelines.run_config import load_stage
 from pipelines.train import TrainConfig, TrainingDivergedError, TrainSetupError, run_training
 from pipelines.train.batches import epoch_batches, training_windows
+from pipelines.train.config import RUN_SNAPSHOT_FILE
 from pipelines.train.driver import export_drafter, mlflow_params
 from pipelines.train.engine import load_frozen_embedding_and_head, training_record
 from pipelines.train.metrics import chain_acceptance_length
@@ -349,6 +350,57 @@ def test_no_credential_reaches_mlflow_or_any_file_the_runs_wrote(first_run, work
     info = json.loads((Path(first_run["drafter_dir"]) / "train_info.json").read_text())
     assert "storage_options" not in info["config"] and info["config"]["optimizer"]["lr"] == 0.003
     assert_no_secret_in_files(workspace)  # mlflow.db, mlartifacts/, every run directory and checkpoint
+
+
+def test_a_training_worker_killed_mid_run_is_restarted_from_its_last_checkpoint(workspace, local_ray):
+    """FailureConfig(max_failures=1): SIGKILL one Ray Train worker once a checkpoint is committed; the worker group
+    restarts from a checkpoint and the drafter it exports equals an uninterrupted run's, bit for bit."""
+    import signal
+    import threading
+    import time
+
+    import psutil
+    from safetensors.torch import load_file
+
+    settings = ["epochs=6", "checkpoint_every=4", "mlflow.enabled=false"]  # 24 steps: time to kill after step 4
+    reference = run_training(tiny_config(workspace, f"run_dir={workspace / 'runs' / 'uninterrupted'}", *settings))
+    run_dir, killed = workspace / "runs" / "worker-killed", []
+
+    def committed_step() -> int | None:
+        snapshot = run_dir / RUN_SNAPSHOT_FILE
+        try:
+            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+        except (OSError, ValueError):  # not written yet, or caught mid-write
+            return None
+        return None if latest is None else latest["metrics"]["step"]
+
+    def title(process) -> str:
+        try:
+            return " ".join(process.cmdline())
+        except psutil.Error:  # exited meanwhile
+            return ""
+
+    def kill_one_worker_after_the_first_checkpoint() -> None:
+        deadline = time.monotonic() + 300
+        while committed_step() is None and time.monotonic() < deadline:  # Ray Train has committed a checkpoint
+            time.sleep(0.02)
+        # This test's own Ray runs as descendants of this process (its raylet spawns the workers), and worker
+        # actors' processes are titled after their class: never touch another Ray on the machine.
+        workers = [p for p in psutil.Process().children(recursive=True) if "RayTrainWorker" in title(p)]
+        workers[-1].send_signal(signal.SIGKILL)
+        killed.append(workers[-1].pid)
+
+    killer = threading.Thread(target=kill_one_worker_after_the_first_checkpoint, daemon=True)
+    killer.start()
+    restarted = run_training(tiny_config(workspace, f"run_dir={run_dir}", "max_failures=1", *settings))
+    killer.join(timeout=10)
+    assert killed, "no worker was killed"
+    outcome = restarted["result"]
+    assert outcome["start_step"] in range(4, 24, 4) and outcome["end_step"] == 24  # the restarted group resumed
+    weights = load_file(Path(restarted["drafter_dir"]) / WEIGHTS_FILE)
+    expected = load_file(Path(reference["drafter_dir"]) / WEIGHTS_FILE)
+    assert weights.keys() == expected.keys()
+    assert all(torch.equal(weights[name], expected[name]) for name in weights)
 
 
 def test_fresh_restarts_the_run_directory_as_the_ablation(first_run, workspace):

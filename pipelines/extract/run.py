@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict
@@ -14,6 +15,7 @@ from typing import Any
 import ray
 import ray.data
 from ray.exceptions import RayTaskError
+from tqdm.auto import tqdm
 
 from feature_store import FeatureStore, StoreLockedError, StoreMetadata, StoreMismatchError, WriterLock
 from feature_store.storage import Location
@@ -23,8 +25,10 @@ from pipelines.extract.actor import ShardFeatures, store_metadata, target_descri
 from pipelines.extract.config import ExtractConfig, ExtractError
 from pipelines.extract.records import needs_reply, read_records
 from pipelines.extract.sink import FeatureStoreSink
-from pipelines.ray_utils import ray_session
+from pipelines.ray_utils import quiet_ray_data, ray_session
 from pipelines.tracking import redact
+
+PROGRESS_POLL_S = 5.0
 
 
 def feature_stages(dataset, cfg: ExtractConfig, store: FeatureStore):
@@ -43,6 +47,29 @@ def write_features(dataset, cfg: ExtractConfig, store: FeatureStore) -> list[dic
     sink = FeatureStoreSink(store)
     dataset.write_datasink(sink, ray_remote_args={"num_cpus": cfg.task_num_cpus})
     return sink.shard_results
+
+
+@contextlib.contextmanager
+def shard_progress(store: FeatureStore, total: int, committed: int) -> Iterator[None]:
+    """One progress bar over the store's shards, counted from their commit records (what a resume keeps), polled
+    in a thread while Ray Data runs."""
+    bar = tqdm(total=total, initial=committed, desc="extract", unit=" shard", file=sys.stderr, dynamic_ncols=True,
+               mininterval=PROGRESS_POLL_S if sys.stderr.isatty() else 60)
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(PROGRESS_POLL_S):
+            bar.update(len(store.committed_shards()) - bar.n)
+
+    thread = threading.Thread(target=poll, name="extract-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        bar.update(len(store.committed_shards()) - bar.n)
+        bar.close()
 
 
 def pending_shard_rows(records: list[dict[str, Any]], cfg: ExtractConfig,
@@ -117,8 +144,12 @@ def run(cfg: ExtractConfig, *, fresh: bool = False) -> dict[str, Any]:
         print(f"extract: {len(records)} records -> {n_skipped + len(rows)} shards; {n_skipped} already "
               f"committed, {len(rows)} to write{' (with generation)' if generate else ''}", file=sys.stderr)
         try:
-            dataset = ray.data.from_items(rows, override_num_blocks=len(rows)) if rows else None
-            results = write_features(feature_stages(dataset, cfg, store), cfg, store) if rows else []
+            results = []
+            if rows:
+                quiet_ray_data()
+                dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
+                with shard_progress(store, n_skipped + len(rows), n_skipped):
+                    results = write_features(feature_stages(dataset, cfg, store), cfg, store)
             store.check_writer("write the manifest")
         except (StoreLockedError, StoreMismatchError, ExtractError) as exc:  # e.g. another job took the store
             # Raised in an actor or a shard writer it arrives wrapped by Ray, whose str() is the worker traceback.
