@@ -49,7 +49,6 @@ def files_containing(root: Path, needles: list[str]) -> list[str]:
 
 
 def test_chain_on_object_storage_and_an_mlflow_server(tmp_path, monkeypatch, capsys):
-    import mlflow
     from mlflow import MlflowClient
 
     from falcon.generate import autoregressive_generate
@@ -121,7 +120,6 @@ def test_chain_on_object_storage_and_an_mlflow_server(tmp_path, monkeypatch, cap
         assert version.version == "1"
 
         # No credential in any log, summary, checkpoint, run directory, MLflow database or artifact, or object.
-        mlflow.set_tracking_uri(None)
         leaks = files_containing(tmp_path, [ACCESS_KEY, SECRET_KEY])
         assert leaks == [], leaks
         s3fs = s3.filesystem()
