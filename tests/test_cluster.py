@@ -195,6 +195,18 @@ def two_nodes(cluster_inputs):
         yield head, node
 
 
+def wait_for_nodes(head, ips: list[str], timeout: float = 120) -> None:
+    """Until exactly `ips` are alive: a killed node stays ALIVE until the GCS misses its health checks (~30 s)."""
+    import time
+
+    from pipelines.ray_utils import alive_nodes
+
+    deadline = time.monotonic() + timeout
+    while (alive := sorted(alive_nodes(head).values())) != sorted(ips):
+        assert time.monotonic() < deadline, f"alive nodes {alive} after {timeout:.0f} s, expected {sorted(ips)}"
+        time.sleep(1)
+
+
 def same_store(a: Path, b: Path) -> None:
     from feature_store import FeatureStore
 
@@ -205,11 +217,9 @@ def same_store(a: Path, b: Path) -> None:
 
 
 def test_extraction_actors_run_on_both_nodes_and_the_store_equals_a_single_node_run(two_nodes, cluster_inputs):
-    from pipelines.ray_utils import alive_nodes
-
     head, _ = two_nodes
     root = cluster_inputs
-    assert sorted(alive_nodes(head).values()) == [HEAD_IP, NODE_IP]
+    wait_for_nodes(head, [HEAD_IP, NODE_IP])
     overrides = extract_overrides(root / "target", root / "prompts.jsonl", root / "store-multi", root / "run-multi")
     status, logs = wait_for(head, submit(head, ["jobs/extract_features.py", "--config", "jobs/configs/tiny.yaml",
                                                 *(arg for item in overrides for arg in ("--set", item))]))
@@ -240,7 +250,7 @@ def test_a_worker_node_lost_mid_extraction_then_a_rerun_gives_the_same_store(two
     import time
 
     from feature_store.storage import Location
-    from pipelines.ray_utils import alive_nodes, ray_worker_node
+    from pipelines.ray_utils import ray_worker_node
 
     head, node = two_nodes
     root = cluster_inputs
@@ -259,7 +269,7 @@ def test_a_worker_node_lost_mid_extraction_then_a_rerun_gives_the_same_store(two
     assert status == "SUCCEEDED" or ("extract_features: error:" in logs and "Traceback" not in logs), logs[-5000:]
 
     with ray_worker_node(head, str(root / "node-2.log"), num_cpus=1, node_ip="127.0.0.4"):  # a replacement
-        assert sorted(alive_nodes(head).values()) == [HEAD_IP, "127.0.0.4"]
+        wait_for_nodes(head, [HEAD_IP, "127.0.0.4"])
         rerun_status, rerun_logs = wait_for(head, submit(head, command))
         assert rerun_status == "SUCCEEDED", rerun_logs[-5000:]
     same_store(store, root / "store-single")
