@@ -75,6 +75,21 @@ def test_chain_acceptance_length_by_hand():
     assert chain_acceptance_length([0.8, 0.5, 0.5, 0.5], 6, 2) == pytest.approx(1 + sum(products))
 
 
+def test_a_long_run_prints_about_twenty_progress_lines():
+    from types import SimpleNamespace
+
+    from pipelines.train.metrics import ProgressMeter
+
+    plan = SimpleNamespace(total_steps=1134, config=SimpleNamespace(log_every=10))
+    flushed = [*range(10, 1134, 10), 1134]
+    printed = [step for step in flushed if ProgressMeter(plan, 0, "cpu").due(step)]
+    assert printed[0] == 10 and printed[-1] == 1134 and 18 <= len(printed) <= 22, printed
+    resumed = ProgressMeter(plan, 900, "cpu")
+    assert resumed.due(910) and not resumed.due(920) and resumed.due(1134)
+    short = SimpleNamespace(total_steps=8, config=SimpleNamespace(log_every=1))
+    assert all(ProgressMeter(short, 0, "cpu").due(step) for step in range(1, 9))
+
+
 def test_epoch_batches_partition_windows_and_depend_only_on_epoch(workspace):
     plan = prepare_run(tiny_config(workspace, "deepspeed.micro_batch_size=3"))
     per_rank = [epoch_batches(plan.num_train_windows, 1, plan, rank, 2) for rank in range(2)]

@@ -107,6 +107,7 @@ class ProgressMeter:
     """Training metrics between two log lines, summed over workers when flushed; throughput and ETA."""
 
     PARTS = ("loss", "top1", "reg", "kl", "ce")
+    LINES = 20  # progress lines per run, however long: the job log stays one screen (MLflow gets every record)
 
     def __init__(self, plan: TrainPlan, start_step: int, device):
         self.plan, self.start_step, self.device = plan, start_step, device
@@ -152,6 +153,13 @@ class ProgressMeter:
                            for name in ("pass1_loss", "pass1_top1")})
         self.restart_interval()
         return record
+
+    def due(self, step: int) -> bool:
+        """Whether the record flushed at `step` gets a progress line: the first, about every 1/LINES of the
+        run, and the last."""
+        every = self.plan.config.log_every
+        stride = max(every, math.ceil(self.plan.total_steps / self.LINES / every) * every)
+        return step - self.start_step <= every or step % stride == 0 or step == self.plan.total_steps
 
     def line(self, record: dict[str, float]) -> str:
         step, total = int(record["step"]), self.plan.total_steps

@@ -118,7 +118,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                 history.append(record)
                 if rank == 0:
                     logger.log({key: value for key, value in record.items() if key.startswith("train/")}, step)
-                    progress(meter.line(record))
+                    if meter.due(step):
+                        progress(meter.line(record))
             if step == plan.total_steps:
                 break
             if end_of_epoch or step % config.checkpoint_every == 0:
