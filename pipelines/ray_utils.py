@@ -150,8 +150,9 @@ def local_ray_head(log_path: str, num_cpus: int | None = None, timeout: float = 
     use_token_auth()
     bin_dir = Path(sys.executable).parent
     ports = dict(zip(HEAD_PORTS + NODE_PORTS, free_ports(len(HEAD_PORTS + NODE_PORTS)), strict=True))
+    # No drain on SIGTERM: Ray otherwise waits up to 30 s for Serve replicas (none here) before stopping a node.
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
-           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     command = [str(bin_dir / "ray"), "start", "--head", "--block", f"--node-ip-address={node_ip}",
@@ -264,6 +265,7 @@ def _wait_for_node(head: RayHead, node_ip: str, node, log_path: str, timeout: fl
         if time.monotonic() > deadline:
             raise RuntimeError(f"node {node_ip} did not join {head.gcs_address} within {timeout:.0f} s")
         time.sleep(1)
+    _wait_until_blocking(log_path, deadline)
 
 
 def _wait_for_job_api(address: str, head, log_path: str, timeout: float) -> None:
@@ -278,11 +280,22 @@ def _wait_for_job_api(address: str, head, log_path: str, timeout: float) -> None
             raise RuntimeError(f"ray start exited with {head.returncode}:\n{Path(log_path).read_text()[-3000:]}")
         try:
             JobSubmissionClient(address).list_jobs()
-            return
+            break
         except Exception as exc:  # connection refused until the dashboard is up
             if time.monotonic() > deadline:
                 raise RuntimeError(f"Ray job API at {address} not up after {timeout:.0f} s: {exc}") from exc
             time.sleep(1)
+    _wait_until_blocking(log_path, deadline)
+
+
+def _wait_until_blocking(log_path: str, deadline: float) -> None:
+    """Until `ray start --block` says it blocks (or the deadline): a SIGTERM that comes earlier, while it still
+    sets itself up, goes unanswered and stopping it then costs our 30 s SIGKILL timeout."""
+    import time
+    from pathlib import Path
+
+    while "will now block" not in Path(log_path).read_text(errors="replace") and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def use_torch_threads(threads: int | None) -> int:
