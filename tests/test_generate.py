@@ -195,6 +195,7 @@ def chi_square_pvalue(counts: dict, expected_probs: dict, n: int) -> float:
                                          torch.tensor(stat / 2, dtype=torch.float64)))
 
 
+@pytest.mark.slow  # statistical: thousands of sampled decodes (make test runs it, test-fast does not)
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.8)])
 def test_speculative_sampling_keeps_the_target_distribution(temperature, top_p):
     target = tiny_causal_lm("llama", vocab_size=8, seed=3)

@@ -161,6 +161,7 @@ def test_adaptive_chain_and_chain_only_steps_are_lossless(looping_target, k):
     assert chain_only and any(step.accepted > 0 for step in chain_only)  # the drafter was skipped, the chain kept
 
 
+@pytest.mark.slow  # statistical: thousands of sampled decodes (make test runs it, test-fast does not)
 @pytest.mark.parametrize("lookup", [LookupConfig(num_tokens=3, min_ngram=1),
                                     LookupConfig(num_tokens=1, max_tokens=6, growth=2.0, chain_only_match=2)],
                          ids=["fixed", "adaptive-chain-only"])
