@@ -220,6 +220,15 @@ def ray_worker_node(head: RayHead, log_path: str, num_cpus: int, node_ip: str, t
         stop_process_group(node)
 
 
+def task_error_cause(error: BaseException) -> BaseException:
+    """What a Ray task or actor raised: Ray re-raises it as a RayTaskError that subclasses its type (so `except`
+    clauses still match) but whose str() is the worker's whole traceback."""
+    from ray.exceptions import RayTaskError
+
+    cause = getattr(error, "cause", None) if isinstance(error, RayTaskError) else None
+    return cause if cause is not None else error
+
+
 def alive_nodes(head: RayHead) -> dict[str, str]:
     """node id -> node IP of the cluster's alive nodes, from Ray's state API."""
     from ray.util.state import list_nodes

@@ -28,6 +28,7 @@ import yaml
 
 from falcon.errors import FalconError
 from pipelines.config import ConfigError, build_section, set_dotted
+from pipelines.ray_utils import task_error_cause
 from pipelines.tracking import redact_text
 
 SECTIONS = ("extract", "train", "package", "benchmark")
@@ -154,5 +155,5 @@ def run_job(name: str, description: str, section: str, run: Callable[[Any, argpa
         print(f"{name}: config error: {redact_text(str(exc))}", file=sys.stderr)
         return 2
     except (FalconError, *errors) as exc:
-        print(f"{name}: error: {redact_text(str(exc))}", file=sys.stderr)
+        print(f"{name}: error: {redact_text(str(task_error_cause(exc)))}", file=sys.stderr)
         return 1

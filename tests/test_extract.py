@@ -188,6 +188,15 @@ def test_round_trip_features_equal_unbatched_target_forward(run_fixture, request
                                    stored["topk_values"], rtol=1e-5, atol=1e-5)
 
 
+def test_a_target_that_does_not_load_fails_the_job_with_one_line(local_ray, workdir, inputs, capsys):
+    # It fails inside a Ray task, which re-raises it with the worker's traceback as its message.
+    missing = make_config(workdir / "no-such-target", inputs[0], workdir / "store-none", workdir / "run-none")
+    assert extract_main(["--config", str(TINY_CONFIG), *cli_overrides(missing)]) == 1
+    err = capsys.readouterr().err
+    assert "extract_features: error:" in err and "no-such-target" in err, err[-3000:]
+    assert "Traceback" not in err and 'File "' not in err, err[-3000:]
+
+
 def test_store_of_another_target_is_refused_with_a_clear_message(reference_run, workdir, inputs, capsys):
     cfg, _ = reference_run
     make_tiny_target("llama", seed=1, save_dir=workdir / "other-target")

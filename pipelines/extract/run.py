@@ -14,7 +14,6 @@ from typing import Any
 
 import ray
 import ray.data
-from ray.exceptions import RayTaskError
 from tqdm.auto import tqdm
 
 from feature_store import FeatureStore, StoreLockedError, StoreMetadata, StoreMismatchError, WriterLock
@@ -25,7 +24,7 @@ from pipelines.extract.actor import ShardFeatures, store_metadata, target_descri
 from pipelines.extract.config import ExtractConfig, ExtractError
 from pipelines.extract.records import needs_reply, read_records
 from pipelines.extract.sink import FeatureStoreSink
-from pipelines.ray_utils import quiet_ray_data, ray_session
+from pipelines.ray_utils import quiet_ray_data, ray_session, task_error_cause
 from pipelines.tracking import redact
 
 PROGRESS_POLL_S = 5.0
@@ -153,7 +152,7 @@ def run(cfg: ExtractConfig, *, fresh: bool = False) -> dict[str, Any]:
             store.check_writer("write the manifest")
         except (StoreLockedError, StoreMismatchError, ExtractError) as exc:  # e.g. another job took the store
             # Raised in an actor or a shard writer it arrives wrapped by Ray, whose str() is the worker traceback.
-            raise ExtractError(str(exc.cause if isinstance(exc, RayTaskError) else exc)) from None
+            raise ExtractError(str(task_error_cause(exc))) from None
         store.commit_manifest()
     for result in results:
         for entry in result.get("rejects", []):
