@@ -3,7 +3,7 @@
     python -m pipelines.demo --config smollm2-demo [--set section.key=value ...] [--steps extract,train]
     make demo [CONFIG=smollm2-cpu-full]
 
-Each step is submitted with `ray job submit` to a head this command starts on 127.0.0.1 and stops at the end,
+Each step is submitted as a Ray job (through the job API `ray job submit` uses; its log streamed) to a head this command starts on 127.0.0.1 and stops at the end,
 whatever happens. A step that does not end SUCCEEDED stops the demo with its status and the tail of its log;
 a step running past --step-timeout is stopped the same way. Re-running resumes: every job skips what its
 earlier runs committed (shards, checkpoints, the registered version).
@@ -18,9 +18,9 @@ jobs yourself with `--working-dir .` and shared-storage or fsspec paths in the c
 from __future__ import annotations
 
 import argparse
+import logging
 import shlex
 import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -82,21 +82,32 @@ def fetch_args(config: Path) -> list[str]:
 
 
 def run_step(head: RayHead, step: str, command: list[str], timeout: float) -> float:
-    """Submit one job, stream its log, and raise DemoError unless it SUCCEEDED; returns its duration."""
+    """Submit one job (what `ray job submit` does, without its dozen lines of hints), stream its log, and raise
+    DemoError unless it SUCCEEDED; returns its duration."""
+    import asyncio
+
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     submission_id = f"demo-{step}-{uuid.uuid4().hex[:8]}"
     print(f"\n=== {step}: ray job submit --submission-id {submission_id} -- {command[-1]}", flush=True)
     started = time.perf_counter()
-    try:
-        subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", head.address,
-                        "--submission-id", submission_id, "--", *command], env=head.env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        JobSubmissionClient(head.address).stop_job(submission_id)
-        raise DemoError(f"step {step} ran past --step-timeout {timeout:.0f} s and was stopped") from None
     client = JobSubmissionClient(head.address)
-    status = client.get_job_status(submission_id)
-    # `ray job submit` exits 0 for a job that failed or was stopped: the job's status is what counts.
+    client.submit_job(entrypoint=shlex.join(command), submission_id=submission_id)
+
+    logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)  # "WebSocket closed ..."
+
+    async def stream_log() -> None:  # until the job ends
+        async for chunk in client.tail_job_logs(submission_id):
+            print(chunk, end="", flush=True)
+
+    try:
+        asyncio.run(asyncio.wait_for(stream_log(), timeout))
+    except TimeoutError:
+        client.stop_job(submission_id)
+        raise DemoError(f"step {step} ran past --step-timeout {timeout:.0f} s and was stopped") from None
+    while (status := client.get_job_status(submission_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                                                    JobStatus.STOPPED}:
+        time.sleep(0.5)  # the log can close a moment before the status is final
     if status != JobStatus.SUCCEEDED:
         tail = "\n".join(client.get_job_logs(submission_id).splitlines()[-LOG_TAIL_LINES:])
         raise DemoError(f"step {step} ended {status}; the last {LOG_TAIL_LINES} lines of its log:\n{tail}")
