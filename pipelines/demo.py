@@ -3,8 +3,8 @@
     python -m pipelines.demo --config smollm2-demo [--set section.key=value ...] [--steps extract,train]
     make demo [CONFIG=smollm2-cpu-full]
 
-Each step is submitted as a Ray job (through the job API `ray job submit` uses; its log streamed) to a head this command starts on 127.0.0.1 and stops at the end,
-whatever happens. A step that does not end SUCCEEDED stops the demo with its status and the tail of its log;
+Each step is submitted as a Ray job (through the job API that `ray job submit` uses, its log streamed) to a
+head this command starts on 127.0.0.1 and stops at the end, whatever happens. A step that does not end SUCCEEDED stops the demo with its status and the tail of its log;
 a step running past --step-timeout is stopped the same way. Re-running resumes: every job skips what its
 earlier runs committed (shards, checkpoints, the registered version).
 
