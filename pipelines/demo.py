@@ -3,10 +3,11 @@
     python -m pipelines.demo --config smollm2-demo [--set section.key=value ...] [--steps extract,train]
     make demo [CONFIG=smollm2-cpu-full]
 
-Each step is submitted as a Ray job (through the job API that `ray job submit` uses, its log streamed) to a
-head this command starts on 127.0.0.1 and stops at the end, whatever happens. A step that does not end SUCCEEDED stops the demo with its status and the tail of its log;
-a step running past --step-timeout is stopped the same way. Re-running resumes: every job skips what its
-earlier runs committed (shards, checkpoints, the registered version).
+Each step is submitted as a Ray job (through the job API that `ray job submit` uses, its log streamed) to a head
+this command starts on 127.0.0.1 and stops at the end, whatever happens. A step that does not end SUCCEEDED
+stops the demo with its status and the tail of its log; a step running past --step-timeout is stopped the same
+way. Re-running resumes: every job skips what its earlier runs committed (shards, checkpoints, the registered
+version).
 
 The head shares this machine's file system, so each job runs in the repository (`cd` in its entrypoint) and
 the config's relative paths (data/, runs/) mean the same files for every step. On a real cluster, submit the
