@@ -103,12 +103,14 @@ def run_step(head: RayHead, step: str, command: list[str], timeout: float) -> fl
 
     try:
         asyncio.run(asyncio.wait_for(stream_log(), timeout))
+        # The log can close a moment before the status is final (or early, if its connection dropped).
+        while not (status := client.get_job_status(submission_id)).is_terminal():
+            if time.perf_counter() - started > timeout:
+                raise TimeoutError
+            time.sleep(0.5)
     except TimeoutError:
         client.stop_job(submission_id)
         raise DemoError(f"step {step} ran past --step-timeout {timeout:.0f} s and was stopped") from None
-    while (status := client.get_job_status(submission_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED,
-                                                                    JobStatus.STOPPED}:
-        time.sleep(0.5)  # the log can close a moment before the status is final
     if status != JobStatus.SUCCEEDED:
         tail = "\n".join(client.get_job_logs(submission_id).splitlines()[-LOG_TAIL_LINES:])
         raise DemoError(f"step {step} ended {status}; the last {LOG_TAIL_LINES} lines of its log:\n{tail}")
