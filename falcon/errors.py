@@ -8,3 +8,7 @@ so callers catching those keep working.
 
 class FalconError(Exception):
     """An expected failure whose message says what is wrong and what to do."""
+
+
+class TargetLoadError(FalconError, ValueError):
+    """The target could not be loaded; the message says why and what to do."""

@@ -231,7 +231,7 @@ def corrupt_shards(
     location: Location, metadata: StoreMetadata, records: Sequence[ShardRecord]
 ) -> dict[str, str]:
     """Shard name -> what is wrong with its data, for each of `records` that fails `check_shard`."""
-    checked = tqdm(records, desc="verify", unit="shard")
+    checked = tqdm(records, desc="verify", unit="shard", disable=not records)  # no bar over nothing
     problems = {record.name: check_shard(location, metadata, record) for record in checked}
     return {name: problem for name, problem in problems.items() if problem is not None}
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-import falcon.target
+import falcon.gguf
 from falcon.target import TargetLoadError, describe_target, load_target, target_fingerprint, target_parts
 from falcon.testing import make_tiny_target
 
@@ -346,7 +346,7 @@ def test_gguf_is_converted_once_and_matches_the_original(tmp_path, monkeypatch):
     def no_second_conversion(*args, **kwargs):
         raise AssertionError("converted twice")
 
-    monkeypatch.setattr(falcon.target, "_convert_gguf", no_second_conversion)
+    monkeypatch.setattr(falcon.gguf, "_convert_gguf", no_second_conversion)
     reloaded_model, reloaded_tokenizer = load_target(gguf_path, cache_dir=cache_dir, dtype="bfloat16")
     assert target_fingerprint(reloaded_model, reloaded_tokenizer) == target_fingerprint(
         converted_model, converted_tokenizer
