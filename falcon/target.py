@@ -11,18 +11,15 @@ import hashlib
 import json
 import os
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.utils import logging as hf_logging
 
 from falcon.devices import DTYPES, resolve_dtype
 from falcon.errors import TargetLoadError
-from falcon.gguf import DEFAULT_TARGET, converted_gguf_dir, default_target_dir
+from falcon.gguf import DEFAULT_TARGET, converted_gguf_dir, default_target_dir, no_progress_bars
 
 # Config fields that never change the function the model computes (bookkeeping, output plumbing,
 # kernels). Keys starting with "_" (`_name_or_path`, `_attn_implementation`, ...) are dropped too.
@@ -68,7 +65,7 @@ def load_target(
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     source, local_only_hub_id = _resolve_spec(spec, cache_dir, trust_remote_code)
     try:
-        with _no_loading_bar():
+        with no_progress_bars():
             model = AutoModelForCausalLM.from_pretrained(
                 source,
                 dtype=torch.float32 if dtype == "float16" else DTYPES[dtype],  # float16: see _to_float16
@@ -99,18 +96,6 @@ def load_target(
     model.to(device).eval()
     _set_greedy_generation_defaults(model, tokenizer)
     return model, tokenizer
-
-
-@contextmanager
-def _no_loading_bar() -> Iterator[None]:
-    """A job loads the target in every actor and worker, each in under a second: no "Loading weights" bar each time."""
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
 
 
 def _to_float16(model: PreTrainedModel) -> None:

@@ -5,7 +5,7 @@ compare them all in ONE benchmark run (same process, same prompts, rotating orde
 
 Run it after `make demo` (the benchmark's `model`, the demo's package, is the reference every row is measured
 beside; its store is what every variant trains on). Each variant is the config plus its overrides (VARIANTS), in
-its own train and package run directories under runs/ablation/<config>/, so every row is trained by the same
+its own train and package run directories under runs/ablation/<config>/ (--run-dir), so every row is trained by the same
 code in the same run. Packaging a variant tunes its tree with no lookup chain (drafter alone) and
 registers it as `falcon-ablation-<variant>`. Every step is a Ray job on a private loopback head, as in
 `pipelines.demo`; re-running resumes (finished trainings and tunings are reused).
@@ -26,7 +26,7 @@ import yaml
 
 from pipelines.benchmark import REPORT_JSON
 from pipelines.config import ConfigError
-from pipelines.demo import DemoError, resolve_config, run_step, step_command
+from pipelines.demo import REPO, DemoError, resolve_config, run_step, step_command
 from pipelines.package_format import TREE_FILE
 from pipelines.packaging import SUMMARY_FILE
 from pipelines.ray_utils import local_ray_head
@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one value for every variant and the benchmark; repeatable")
+    parser.add_argument("--run-dir", default=None, help="where the variants and the table go (default: "
+                        "runs/ablation/<config name>; relative to the repository, as the jobs' paths)")
     parser.add_argument("--step-timeout", type=float, default=3 * 3600, help="seconds before a step is stopped")
     parser.add_argument("--log-dir", default="runs/ablation", help="where the Ray head's log goes")
     args = parser.parse_args(argv)
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise ConfigError(f"unknown variant(s) {unknown}; known: {list(VARIANTS)}")
         config = resolve_config(args.config)
-        root = Path("runs/ablation") / config.stem
+        root = REPO / (args.run_dir or f"runs/ablation/{config.stem}")  # an absolute --run-dir stays as given
         for name in variants:  # every variant's config parses before anything runs
             check_run_config(config, [*args.overrides, *variant_overrides(name, root)], ["train", "package"])
         check_run_config(config, args.overrides, ["benchmark"])
