@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from pipelines.benchmark import REPORT_JSON
+from pipelines.benchmark.config import REPORT_JSON
 from pipelines.config import ConfigError
 from pipelines.demo import REPO, DemoError, resolve_config, run_step, step_command
 from pipelines.package_format import TREE_FILE

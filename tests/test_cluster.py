@@ -119,6 +119,24 @@ def test_chain_on_object_storage_and_an_mlflow_server(tmp_path, monkeypatch, cap
             assert tokens == expected
         assert version.version == "1"
 
+        # The ablation on the same store and server: two variants, each trained, packaged with its own tree
+        # and registered, then one benchmark run beside the package above.
+        from pipelines import ablation
+
+        code = ablation.main(["--config", "tiny", "--variants", "teacher-forced,k1", "--run-dir",
+                              str(tmp_path / "ablation"), "--log-dir", str(tmp_path / "ablation-ray")]
+                             + [f"--set={item}" for item in overrides])
+        out, err = capsys.readouterr()
+        assert code == 0, err[-5000:]
+        rows = json.loads((tmp_path / "ablation" / "ablation.json").read_text())
+        assert [row["variant"] for row in rows] == ["teacher-forced", "k1"]
+        for row in rows:
+            block_size = 1 if row["variant"] == "k1" else 2
+            assert row["steps"] == 4 and len(row["top1_by_depth"]) == 2 * block_size  # passes 0 and 1
+            assert row["benchmark"]["mt_bench"]["real_divergences"] == 0 and row["benchmark"]["mt_bench"]["tau"] >= 1
+            assert client.get_model_version_by_alias(f"falcon-ablation-{row['variant']}", "champion")
+        assert "| teacher-forced | 4 |" in out and "| k1 | 4 |" in out
+
         # No credential in any log, summary, checkpoint, run directory, MLflow database or artifact, or object.
         leaks = files_containing(tmp_path, [ACCESS_KEY, SECRET_KEY])
         assert leaks == [], leaks
