@@ -23,7 +23,7 @@ from falcon.csgd import (
 from falcon.drafter import Drafter, DrafterConfig, build_draft_vocab
 from falcon.drafting import DrafterState, draft_tree
 from falcon.glancing import glance_positions, glance_runs_wanted, glanced_inputs
-from falcon.passes import predicted_block_pass, teacher_forced_pass
+from falcon.passes import lstm_states_every, predicted_block_pass, teacher_forced_pass
 from falcon.tree import TreeConfig, build_tree
 
 VOCAB = 300
@@ -621,6 +621,22 @@ def _inference_passes(drafter, hidden_states, input_ids, prefix, k):
     finally:
         hook.remove()
     return recorded, tokens[1:]
+
+
+@pytest.mark.parametrize("layers,every,length", [(2, 2, 9), (1, 3, 12), (2, 1, 5), (2, 4, 3)])
+def test_lstm_states_every_equal_nn_lstm_run_block_by_block(layers, every, length):
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(6, 5, num_layers=layers, batch_first=True)
+    inputs = torch.randn(3, length, 6)
+    h_at, c_at = lstm_states_every(lstm, inputs, every)
+    expected, state = [], None
+    for start in range(0, length, every):
+        _, state = lstm(inputs[:, start:start + every], state)
+        expected.append(state)
+    expected = expected[:-1]  # the state after the last block starts no block
+    assert h_at.shape == c_at.shape == (layers, 3, len(expected), 5)
+    for index, (h, c) in enumerate(expected):
+        assert torch.allclose(h_at[:, :, index], h, atol=1e-6) and torch.allclose(c_at[:, :, index], c, atol=1e-6)
 
 
 @pytest.mark.parametrize("block_size,num_layers,draft_vocab_size", [(2, 1, None), (3, 2, None), (2, 1, 64)])
