@@ -117,9 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     bench_dir = root / "benchmark"
     try:
         with local_ray_head(str(log_dir / "ray-head.log")) as head:
-            for name in variants:
-                overrides = [*args.overrides, *variant_overrides(name, root)]
-                for step in ("train", "package"):
+            # Every training first, then every tuning: the tuner times the tree, so it runs after the long part.
+            for step in ("train", "package"):
+                for name in variants:
+                    overrides = [*args.overrides, *variant_overrides(name, root)]
                     run_step(head, f"{step}-{name}", step_command(step, config, overrides), args.step_timeout)
             extras = yaml.safe_dump([extra_drafter(name, root) for name in variants], default_flow_style=True,
                                     width=1 << 20).strip()
