@@ -1,10 +1,10 @@
 """CSGD training on Ray Train + DeepSpeed: setup errors, ZeRO-2 on 2 CPU workers, resume, export, losslessness,
 non-finite losses, and no credentials in anything the runs write.
 
-The Ray tests share one local Ray and one run directory, in file order: the first run trains and exports, the
-second re-runs it, the resume check and the export are tested on it, a run on a store with overflowing features
-fails after its limit of non-finite steps and is resumed, and the last one starts the first run directory over
-(--fresh) as the k=1, CSGD-off ablation. Every run is given object-store credentials (fake, the store is local)
+The Ray tests share one local Ray and one run directory, in file order: the first run trains and exports, a
+re-run returns it without training, the resume check and the export are tested on it, a run on a store with
+overflowing features fails after its limit of non-finite steps and is resumed, and the last one starts the first
+run directory over (--fresh) as the k=1, CSGD-off ablation. Every run is given object-store credentials (fake, the store is local)
 that must not reach MLflow or any file.
 """
 
@@ -189,12 +189,17 @@ def test_run_is_logged_to_mlflow(first_run, workspace):
     assert {"model.safetensors", "drafter_config.json"} <= artifacts
 
 
-def test_rerun_with_the_same_settings_resumes_the_finished_run_with_its_optimizer_state(first_run, workspace):
+def test_rerun_of_a_finished_run_returns_it_without_training_again(first_run, workspace, capsys):
+    """No Ray Train workers start for it (resuming mid-run with the optimizer state: the non-finite and the
+    killed-worker tests)."""
+    from mlflow.tracking import MlflowClient
+
     rerun = run_training(tiny_config(workspace, "max_steps=4", "checkpoint_every=2"))
-    outcome = rerun["result"]
-    assert outcome["start_step"] == outcome["end_step"] == 4
-    assert outcome["resumed_optimizer_digest"] == pytest.approx(first_run["result"]["optimizer_digest"], rel=1e-12)
-    assert rerun["mlflow_run_id"] == first_run["mlflow_run_id"]
+    assert rerun["result"] == {"start_step": 4, "end_step": 4, "reused": True}
+    assert (rerun["drafter_dir"], rerun["mlflow_run_id"]) == (first_run["drafter_dir"], first_run["mlflow_run_id"])
+    assert rerun["eval"] == first_run["eval"] and rerun["seconds"] == first_run["seconds"]
+    assert "already trained its 4 steps" in capsys.readouterr().err
+    assert MlflowClient(first_run["mlflow_tracking_uri"]).get_run(rerun["mlflow_run_id"]).info.status == "FINISHED"
 
 
 @pytest.mark.parametrize("changed, named", [

@@ -1,7 +1,8 @@
 """Driver: the MLflow run, Ray Train's `TorchTrainer` over `train_loop_per_worker`, the exported drafter.
 
 Re-running with the same `run_dir` resumes from the latest checkpoint Ray Train committed to its run snapshot
-(RunConfig(name, storage_path)); after a kill -9 that can be one report older than the newest checkpoint
+(RunConfig(name, storage_path)), or returns the summary of a run that already trained every step and exported its
+drafter without starting Ray Train; after a kill -9 that can be one report older than the newest checkpoint
 directory, and the steps in between are redone with the same batches. `fresh=True` deletes the run directory
 first (after the inputs were checked). A drafter whose weights are not all finite is never exported.
 
@@ -34,7 +35,7 @@ from pipelines.train.config import (
     flatten,
 )
 from pipelines.train.metrics import format_duration
-from pipelines.train.plan import TrainPlan, prepare_run
+from pipelines.train.plan import TrainPlan, committed_checkpoint, prepare_run
 from pipelines.train.worker import train_loop_per_worker
 
 
@@ -70,6 +71,11 @@ def run_training(config: TrainConfig, *, fresh: bool = False) -> dict[str, Any]:
     if fresh and Path(plan.run_dir).exists():  # only once the inputs are known to be good
         print(f"train: --fresh: removing {plan.run_dir}", file=sys.stderr)
         shutil.rmtree(plan.run_dir)
+    finished = None if fresh else finished_run(plan)
+    if finished is not None:  # nothing to train: no Ray Train workers started, nothing logged again
+        print(f"train: the run in {plan.run_dir} already trained its {plan.total_steps} steps and exported "
+              f"{finished['drafter_dir']} (--fresh trains it again)", file=sys.stderr)
+        return finished
     plan.mlflow_run_id = open_mlflow_run(plan)
     print(f"train: target {plan.target_fingerprint}, {len(plan.train_indices)} training / "
           f"{len(plan.eval_indices)} held-out samples, {plan.total_steps} steps on "
@@ -98,11 +104,25 @@ def run_training(config: TrainConfig, *, fresh: bool = False) -> dict[str, Any]:
         "engine": {key: outcome.get(key) for key in ("engine", "zero_stage", "world_size", "dtype", "device")},
         "seconds": time.perf_counter() - started,
     }
-    Path(plan.run_dir, SUMMARY_FILE).write_text(json.dumps(redact(summary), indent=2, default=str) + "\n")
     _finish_mlflow_run(plan, "FINISHED", drafter_dir)
+    # Last: a summary marks the run finished, and a re-run returns it (finished_run) without training again.
+    Path(plan.run_dir, SUMMARY_FILE).write_text(json.dumps(redact(summary), indent=2, default=str) + "\n")
     print(f"train: done in {format_duration(summary['seconds'])}; drafter {drafter_dir}; "
           f"MLflow run {plan.mlflow_run_id} ({summary['mlflow_tracking_uri']})")
     return {**summary, "result": outcome}
+
+
+def finished_run(plan: TrainPlan) -> dict[str, Any] | None:
+    """The summary of an earlier run of this plan (prepare_run checked its settings) that trained every step and
+    exported its drafter; None when there is anything left to do."""
+    committed = committed_checkpoint(plan)
+    summary_path = Path(plan.run_dir, SUMMARY_FILE)
+    if committed is None or committed[1].get("step") != plan.total_steps or not summary_path.is_file():
+        return None
+    summary = json.loads(summary_path.read_text())
+    if summary.get("steps") != plan.total_steps or not Path(summary["drafter_dir"], WEIGHTS_FILE).is_file():
+        return None
+    return {**summary, "result": {"start_step": plan.total_steps, "end_step": plan.total_steps, "reused": True}}
 
 
 def open_mlflow_run(plan: TrainPlan) -> str | None:
