@@ -14,8 +14,12 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# Two pytest workers: the end-to-end tests one after the other on one, the unit tests beside them on the other
+# (tests/conftest.py groups them); TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 2
+
 test: install
-	$(PY) -m pytest -q --durations=25 tests; rc=$$?; if [ $$rc -eq 5 ]; then echo 'no tests collected'; exit 0; fi; exit $$rc
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25 tests; rc=$$?; if [ $$rc -eq 5 ]; then echo 'no tests collected'; exit 0; fi; exit $$rc
 
 test-fast: install  # the unit tests: everything not marked slow (no Ray / DeepSpeed / MLflow end to end)
 	$(PY) -m pytest -q -m 'not slow' tests
