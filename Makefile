@@ -22,7 +22,7 @@ test: install
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25 tests; rc=$$?; if [ $$rc -eq 5 ]; then echo 'no tests collected'; exit 0; fi; exit $$rc
 
 test-fast: install  # the unit tests: everything not marked slow (no Ray / DeepSpeed / MLflow end to end)
-	$(PY) -m pytest -q -m 'not slow' tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m 'not slow' tests
 
 lint: install
 	$(VENV)/bin/ruff check falcon feature_store pipelines jobs tests
