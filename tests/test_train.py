@@ -4,8 +4,8 @@ non-finite losses, and no credentials in anything the runs write.
 The Ray tests share one local Ray and one run directory, in file order: the first run trains and exports, a
 re-run returns it without training, the resume check and the export are tested on it, a run on a store with
 overflowing features fails after its limit of non-finite steps and is resumed, and the last one starts the first
-run directory over (--fresh) as the k=1, CSGD-off ablation. Every run is given object-store credentials (fake, the store is local)
-that must not reach MLflow or any file.
+run directory over (--fresh) as the k=1, CSGD-off ablation. Every run is given object-store credentials (fake,
+the store is local) that must not reach MLflow or any file.
 """
 
 from __future__ import annotations
