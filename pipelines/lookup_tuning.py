@@ -11,13 +11,18 @@
    replayed ranks, lost on a chain-only step) and the chain's accepted prefix, and costs drafting (none on a
    chain-only step) + verifying root, tree and chain, from the measured cost model. For every candidate
    lookup policy and every candidate tree, expected tokens per step / expected ms per step is computed over
-   the positions; the pair with the most tokens per millisecond is kept. The tree's own expectation stays the
-   tree tuner's model (1 + sum of node values); the chain adds its replayed gain over the tree, so with the
-   chain off every figure is the tree tuner's.
+   the steps of a decode; the pair with the most tokens per millisecond is kept. The tree's own expectation
+   stays the tree tuner's model (1 + sum of node values); the chain adds its replayed gain over the tree, so
+   with the chain off every figure is the tree tuner's.
 
-Approximations: every held-out position counts as a step start (a decode visits only some); a chain-only
-step leaves the next drafter pass more positions to read, not costed; chains near a sample's end are cut by
-the stored reply.
+   The steps are those of a walk of the decode over each sample (`decode_walk`), not every position: a step
+   that accepts a tokens is followed by the step at L + a + 1, so a copy the chain accepts in one step counts
+   once. An average over every position over-rates the chain: inside a repeated passage (greedy replies loop)
+   each position accepts a whole chain, where a decode takes one step per chain.
+
+Approximations: where the tuner measured only some positions of a sample, a step lands on the next measured
+position at or after L + a + 1; a chain-only step leaves the next drafter pass more positions to read, not
+costed; chains near a sample's end are cut by the stored reply.
 """
 
 from __future__ import annotations
@@ -86,12 +91,23 @@ class ChainReplay:
     match_length: np.ndarray  # (positions,) int64, 0: no match; counted up to the cap the candidates need
     agreed: np.ndarray  # (positions,) int64: leading tokens of a `max_chain`-token chain equal to the truth
     max_chain: int
+    samples: np.ndarray  # (positions,) int64: the sample of each position, ascending
+    positions: np.ndarray  # (positions,) int64: L, ascending within a sample
+
+    def __post_init__(self) -> None:
+        later_sample, later_position = np.diff(self.samples) > 0, np.diff(self.positions) > 0
+        if not (later_sample | ((np.diff(self.samples) == 0) & later_position)).all():
+            raise ValueError("replay positions must be ordered by (sample, position) without repeats")
 
     @classmethod
     def concatenate(cls, parts: Sequence[ChainReplay], max_chain: int) -> ChainReplay:
+        """The parts' positions in order, each part a sample of its own."""
         empty = np.zeros(0, dtype=np.int64)
-        return cls(np.concatenate([p.match_length for p in parts] or [empty]),
-                   np.concatenate([p.agreed for p in parts] or [empty]), max_chain)
+        return cls(*(np.concatenate([getattr(p, name) for p in parts] or [empty])
+                     for name in ("match_length", "agreed")), max_chain,
+                   np.concatenate([np.full(len(p.positions), i, dtype=np.int64) for i, p in enumerate(parts)]
+                                  or [empty]),
+                   np.concatenate([p.positions for p in parts] or [empty]))
 
     @property
     def num_positions(self) -> int:
@@ -140,7 +156,35 @@ def replay_chain(input_ids: Sequence[int], positions: Sequence[int], matching: L
             agreement += 1
         match_length.append(length)
         agreed.append(agreement)
-    return ChainReplay(np.array(match_length, dtype=np.int64), np.array(agreed, dtype=np.int64), max_chain)
+    return ChainReplay(np.array(match_length, dtype=np.int64), np.array(agreed, dtype=np.int64), max_chain,
+                       np.zeros(len(positions), dtype=np.int64), np.array(positions, dtype=np.int64))
+
+
+def decode_walk(replay: ChainReplay, accepted: np.ndarray) -> np.ndarray:
+    """(positions, trees) bool: the step starts of a greedy decode over each sample, one walk per tree.
+
+    accepted (positions, trees): draft tokens a step starting at that position accepts. Each walk starts at its
+    sample's first position; a step at L accepting a tokens (plus the target's own) is followed by the step at
+    the first measured position >= L + a + 1 of the same sample.
+    """
+    num_positions, num_trees = accepted.shape
+    visits = np.zeros((num_positions, num_trees), dtype=bool)
+    if not num_positions:
+        return visits
+    stride = int(replay.positions.max()) + int(accepted.max()) + 2  # a jump never reaches the next sample's keys
+    keys = replay.samples * stride + replay.positions  # (P,) ascending
+    firsts = np.flatnonzero(np.r_[True, replay.samples[1:] != replay.samples[:-1]])  # (S,)
+    at = np.repeat(firsts[:, None], num_trees, axis=1)  # (S, trees) each walk's current step start
+    sample = replay.samples[at]
+    trees = np.broadcast_to(np.arange(num_trees), at.shape)
+    active = np.ones(at.shape, dtype=bool)
+    while active.any():
+        visits[at[active], trees[active]] = True
+        following = np.searchsorted(keys, keys[at] + accepted[at, trees] + 1)
+        active &= following < num_positions
+        at = np.minimum(following, num_positions - 1)
+        active &= replay.samples[at] == sample
+    return visits
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -189,12 +233,19 @@ def evaluate_policy(policy: LookupConfig, trees: TreeCandidates, replay: ChainRe
     chain_accepted = np.minimum(replay.agreed, lengths)[:, None]  # (P, 1)
     drafted = ~chain_only[:, None]  # (P, 1)
     accepted = np.maximum(trees.accepted * drafted, chain_accepted)  # (P, trees)
-    gain = (accepted - trees.accepted).mean(0)
-    step_ms = (drafted * trees.draft_ms[None] + verify_ms[1 + drafted * trees.nodes[None] + lengths[:, None]]).mean(0)
+    walked, tree_walked = decode_walk(replay, accepted), decode_walk(replay, trees.accepted)
+    empirical = 1.0 + walk_mean(accepted, walked)
+    gain = empirical - 1.0 - walk_mean(trees.accepted, tree_walked)
+    step_ms = walk_mean(drafted * trees.draft_ms[None] + verify_ms[1 + drafted * trees.nodes[None] + lengths[:, None]],
+                        walked)
     tau = trees.expected_tau + gain
-    empirical = 1.0 + accepted.mean(0)
     return [JointFigures(policy, n, len(trees.paths[n]), float(tau[n]), float(empirical[n]), float(step_ms[n]),
                          float(tau[n] * plain_ms / step_ms[n])) for n in range(len(trees.paths))]
+
+
+def walk_mean(values: np.ndarray, walked: np.ndarray) -> np.ndarray:
+    """(trees,) the mean of values (positions, trees) over each tree's walked step starts."""
+    return (values * walked).sum(0) / np.maximum(walked.sum(0), 1)
 
 
 def choose_lookup(candidates: Sequence[LookupConfig], trees: TreeCandidates, replay: ChainReplay,

@@ -21,6 +21,7 @@ from pipelines.lookup_tuning import (
     LookupTuningConfig,
     TreeCandidates,
     choose_lookup,
+    decode_walk,
     evaluate_policy,
     lookup_candidates,
     replay_chain,
@@ -71,8 +72,14 @@ def one_tree(accepted: list[int], tau: float = 1.5) -> TreeCandidates:
                           accepted=np.array(accepted)[:, None])
 
 
+def one_step_samples(match_length, agreed, max_chain: int) -> ChainReplay:
+    """A replay whose every position is a sample of its own: each is one step of its decode."""
+    match_length, agreed = np.asarray(match_length, dtype=np.int64), np.asarray(agreed, dtype=np.int64)
+    return ChainReplay(match_length, agreed, max_chain, np.arange(len(agreed)), np.zeros(len(agreed), dtype=np.int64))
+
+
 def test_policy_figures_by_hand():
-    replay = ChainReplay(np.array([0, 1, 5, 12]), np.array([0, 0, 3, 10]), max_chain=16)
+    replay = one_step_samples([0, 1, 5, 12], [0, 0, 3, 10], max_chain=16)
     policy = LookupConfig(num_tokens=2, max_tokens=8, growth=1.0, chain_only_match=10)
     # chains 0, 2, 5, 8 tokens (the last alone: match 12 >= 10); accepted max(tree, chain): 1, 0, 3, 8 against the
     # tree's 1, 0, 1, 2: gain 2 per position. Steps: 2 + verify(3), 2 + verify(5), 2 + verify(8), verify(9).
@@ -85,6 +92,29 @@ def test_policy_figures_by_hand():
     assert (off.expected_tau, off.step_ms) == (pytest.approx(1.5), pytest.approx(2.0 + 11.0))  # the tree alone
 
 
+def test_steps_follow_the_decode_through_each_sample():
+    # Sample 0 measured at L = 2..7: the step at 2 accepts 3 tokens (+ the target's), so the next step is at 6,
+    # whose 2 (+ 1) end the sample. Sample 1 at L = 3, 5: the step at 3 accepts 0, the next measured after 4 is 5.
+    replay = ChainReplay(np.array([4, 4, 4, 4, 0, 0, 0, 0]), np.array([3, 3, 3, 3, 0, 0, 0, 0]), 8,
+                         np.array([0, 0, 0, 0, 0, 0, 1, 1]), np.array([2, 3, 4, 5, 6, 7, 3, 5]))
+    policy = LookupConfig(num_tokens=4, chain_only_match=4)  # 4-token chains, verified alone
+    tree = [1, 1, 1, 1, 2, 0, 0, 1]
+    walked = decode_walk(replay, np.array([[3, 3, 3, 3, 2, 0, 0, 1]]).T)
+    assert np.flatnonzero(walked[:, 0]).tolist() == [0, 4, 6, 7]
+    [figures] = evaluate_policy(policy, one_tree(tree), replay, linear_verify(), plain_ms=10.0)
+    # The same steps with the policy: L = 2 (the chain alone: 3), 6 (the tree: 2), and 3, 5 of sample 1 (0, 1).
+    assert figures.empirical_tau == pytest.approx(1 + (3 + 2 + 0 + 1) / 4)
+    # Without the chain: steps at 2, 4, 6 (tree 1, 1, 2) and 3, 5 (0, 1): the chain's gain over that walk.
+    assert figures.expected_tau == pytest.approx(1.5 + (3 + 2 + 0 + 1) / 4 - (1 + 1 + 2 + 0 + 1) / 5)
+    assert figures.step_ms == pytest.approx((verify_at(5) + 3 * (2.0 + verify_at(3))) / 4)
+    with pytest.raises(ValueError, match="ordered"):
+        ChainReplay(np.zeros(2), np.zeros(2), 8, np.array([0, 0]), np.array([5, 3]))
+
+
+def verify_at(tokens: int) -> float:
+    return float(linear_verify()[tokens])
+
+
 def choose(replay: ChainReplay, accepted: list[int]) -> LookupConfig:
     candidates = lookup_candidates(LookupTuningConfig(mode="tuned", max_chain=replay.max_chain))
     return choose_lookup(candidates, one_tree(accepted), replay, linear_verify(), plain_ms=10.0)[0].lookup
@@ -92,20 +122,20 @@ def choose(replay: ChainReplay, accepted: list[int]) -> LookupConfig:
 
 def test_a_copy_heavy_table_chooses_a_long_chain_without_the_drafter():
     # Long matches whose continuation the target repeats for 30 tokens; the drafter gets 1 token.
-    chosen = choose(ChainReplay(np.full(50, 20), np.full(50, 30), max_chain=32), [1] * 50)
+    chosen = choose(one_step_samples(np.full(50, 20), np.full(50, 30), max_chain=32), [1] * 50)
     assert chosen.chain_length(20) >= 24 and chosen.chain_only(20)
 
 
 def test_a_table_without_matches_or_with_junk_matches_chooses_no_chain():
-    assert not choose(ChainReplay(np.zeros(50, dtype=np.int64), np.zeros(50, dtype=np.int64), 32), [1] * 50).enabled
+    assert not choose(one_step_samples(np.zeros(50), np.zeros(50), 32), [1] * 50).enabled
     # 1-token matches the truth never follows: any chain only costs verification.
-    junk = choose(ChainReplay(np.ones(50, dtype=np.int64), np.zeros(50, dtype=np.int64), 32), [1] * 50)
+    junk = choose(one_step_samples(np.ones(50), np.zeros(50), 32), [1] * 50)
     assert junk.chain_length(1) == 0
 
 
 def test_fresh_short_chains_and_growth_on_long_matches():
     # Half the positions: short matches where 2 tokens agree; half: long copies where 24 agree.
-    replay = ChainReplay(np.array([1] * 25 + [24] * 25), np.array([2] * 25 + [24] * 25), max_chain=32)
+    replay = one_step_samples([1] * 25 + [24] * 25, [2] * 25 + [24] * 25, max_chain=32)
     chosen = choose(replay, [0] * 50)
     assert 1 <= chosen.chain_length(1) <= 4 and chosen.chain_length(24) >= 24
 
