@@ -102,9 +102,10 @@ def resolve_tree(config: TreeTuningConfig, drafter: Drafter, target=None, store=
                    "(plain decoding = 1)",
             "expected_tau": "1 + sum over nodes of prod_d p[d][r_d] (p: conditional acceptance table), plus "
                             "the lookup chain's replayed gain over the tree (lookup.tree_only: without it)",
-            "empirical_tau": "the same, replayed on the held-out ranks and lookup matches (greedy acceptance)",
+            "empirical_tau": "the same, replayed on the held-out ranks and lookup matches (greedy acceptance), "
+                             "over the steps of a decode walked through each held-out sample",
             "expected_speedup": "expected_tau x verify_ms(1) / (draft_ms + verify_ms(nodes + 1 + chain)), "
-                                "averaged over held-out positions; loop overhead excluded, so an upper bound",
+                                "averaged over those steps; loop overhead excluded, so an upper bound",
         },
         acceptance={
             "samples": stats.num_samples,
