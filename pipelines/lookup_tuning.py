@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -94,10 +94,35 @@ class ChainReplay:
     samples: np.ndarray  # (positions,) int64: the sample of each position, ascending
     positions: np.ndarray  # (positions,) int64: L, ascending within a sample
 
+    _following: dict[int, np.ndarray] = field(default_factory=dict, init=False, repr=False, compare=False)
+
     def __post_init__(self) -> None:
         later_sample, later_position = np.diff(self.samples) > 0, np.diff(self.positions) > 0
         if not (later_sample | ((np.diff(self.samples) == 0) & later_position)).all():
             raise ValueError("replay positions must be ordered by (sample, position) without repeats")
+
+    def first_positions(self) -> np.ndarray:
+        """(samples,) the index of each sample's first position."""
+        return np.flatnonzero(np.r_[True, self.samples[1:] != self.samples[:-1]])
+
+    def longest_sample(self) -> int:
+        """The most positions of one sample."""
+        return int(np.bincount(self.samples).max(initial=0)) if self.num_positions else 0
+
+    def following(self, max_accepted: int) -> np.ndarray:
+        """(positions + 1, max_accepted + 1) index of the step after a step at j accepting a tokens: the first
+        position of the same sample at or after L_j + a + 1, or `positions` (row and value: the walk has ended)."""
+        if max_accepted not in self._following:
+            stride = int(self.positions.max()) + max_accepted + 2  # keys of one sample stay below the next's
+            keys = self.samples * stride + self.positions  # (P,) ascending
+            following = np.searchsorted(keys, keys[:, None] + np.arange(max_accepted + 1)[None] + 1)  # (P, A + 1)
+            inside = following < self.num_positions
+            inside[inside] = self.samples[following[inside]] == np.broadcast_to(self.samples[:, None],
+                                                                                following.shape)[inside]
+            following[~inside] = self.num_positions
+            self._following[max_accepted] = np.concatenate(
+                [following, np.full((1, max_accepted + 1), self.num_positions)])
+        return self._following[max_accepted]
 
     @classmethod
     def concatenate(cls, parts: Sequence[ChainReplay], max_chain: int) -> ChainReplay:
@@ -168,23 +193,22 @@ def decode_walk(replay: ChainReplay, accepted: np.ndarray) -> np.ndarray:
     the first measured position >= L + a + 1 of the same sample.
     """
     num_positions, num_trees = accepted.shape
-    visits = np.zeros((num_positions, num_trees), dtype=bool)
     if not num_positions:
-        return visits
-    stride = int(replay.positions.max()) + int(accepted.max()) + 2  # a jump never reaches the next sample's keys
-    keys = replay.samples * stride + replay.positions  # (P,) ascending
-    firsts = np.flatnonzero(np.r_[True, replay.samples[1:] != replay.samples[:-1]])  # (S,)
-    at = np.repeat(firsts[:, None], num_trees, axis=1)  # (S, trees) each walk's current step start
-    sample = replay.samples[at]
-    trees = np.broadcast_to(np.arange(num_trees), at.shape)
-    active = np.ones(at.shape, dtype=bool)
-    while active.any():
-        visits[at[active], trees[active]] = True
-        following = np.searchsorted(keys, keys[at] + accepted[at, trees] + 1)
-        active &= following < num_positions
-        at = np.minimum(following, num_positions - 1)
-        active &= replay.samples[at] == sample
-    return visits
+        return np.zeros((0, num_trees), dtype=bool)
+    following = replay.following(int(accepted.max()))  # (P + 1, A + 1)
+    accepted = np.concatenate([accepted, np.zeros((1, num_trees), dtype=accepted.dtype)])  # row P: the walk ended
+    visits = np.zeros((num_positions + 1, num_trees), dtype=bool)
+    at = np.repeat(replay.first_positions()[:, None], num_trees, axis=1)  # (samples, trees) current step starts
+    trees = np.arange(num_trees)[None]
+    for _ in range(replay.longest_sample()):  # a step advances by one measured position at least
+        visits[at, trees] = True
+        at = following[at, accepted[at, trees]]
+    return visits[:num_positions]
+
+
+def walk_mean(values: np.ndarray, walked: np.ndarray) -> np.ndarray:
+    """(trees,) the mean of values (positions, trees) over each tree's walked step starts."""
+    return (values * walked).sum(0) / np.maximum(walked.sum(0), 1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -223,8 +247,9 @@ class JointFigures:
 
 
 def evaluate_policy(policy: LookupConfig, trees: TreeCandidates, replay: ChainReplay, verify_ms: np.ndarray,
-                    plain_ms: float) -> list[JointFigures]:
-    """Expected figures of `policy` with every candidate tree. verify_ms[n]: ms to verify n tokens."""
+                    plain_ms: float, tree_alone: np.ndarray | None = None) -> list[JointFigures]:
+    """Expected figures of `policy` with every candidate tree. verify_ms[n]: ms to verify n tokens; tree_alone:
+    `tree_alone_per_step(trees, replay)`, the same for every policy."""
     cap = int(replay.match_length.max(initial=0))
     lengths = np.array([policy.chain_length(m) for m in range(cap + 1)])[replay.match_length]  # (P,)
     chain_only = np.array([policy.chain_only(m) for m in range(cap + 1)])[replay.match_length]
@@ -233,9 +258,9 @@ def evaluate_policy(policy: LookupConfig, trees: TreeCandidates, replay: ChainRe
     chain_accepted = np.minimum(replay.agreed, lengths)[:, None]  # (P, 1)
     drafted = ~chain_only[:, None]  # (P, 1)
     accepted = np.maximum(trees.accepted * drafted, chain_accepted)  # (P, trees)
-    walked, tree_walked = decode_walk(replay, accepted), decode_walk(replay, trees.accepted)
+    walked = decode_walk(replay, accepted)
     empirical = 1.0 + walk_mean(accepted, walked)
-    gain = empirical - 1.0 - walk_mean(trees.accepted, tree_walked)
+    gain = empirical - 1.0 - (tree_alone_per_step(trees, replay) if tree_alone is None else tree_alone)
     step_ms = walk_mean(drafted * trees.draft_ms[None] + verify_ms[1 + drafted * trees.nodes[None] + lengths[:, None]],
                         walked)
     tau = trees.expected_tau + gain
@@ -243,15 +268,16 @@ def evaluate_policy(policy: LookupConfig, trees: TreeCandidates, replay: ChainRe
                          float(tau[n] * plain_ms / step_ms[n])) for n in range(len(trees.paths))]
 
 
-def walk_mean(values: np.ndarray, walked: np.ndarray) -> np.ndarray:
-    """(trees,) the mean of values (positions, trees) over each tree's walked step starts."""
-    return (values * walked).sum(0) / np.maximum(walked.sum(0), 1)
+def tree_alone_per_step(trees: TreeCandidates, replay: ChainReplay) -> np.ndarray:
+    """(trees,) drafter tokens accepted per step of the decode without the chain."""
+    return walk_mean(trees.accepted, decode_walk(replay, trees.accepted))
 
 
 def choose_lookup(candidates: Sequence[LookupConfig], trees: TreeCandidates, replay: ChainReplay,
                   verify_ms: np.ndarray, plain_ms: float, keep: int = 10) -> list[JointFigures]:
     """The `keep` best (policy, tree) pairs by expected speedup, best first (one row per policy)."""
-    best_per_policy = [max(evaluate_policy(policy, trees, replay, verify_ms, plain_ms),
+    tree_alone = tree_alone_per_step(trees, replay)
+    best_per_policy = [max(evaluate_policy(policy, trees, replay, verify_ms, plain_ms, tree_alone),
                            key=lambda f: f.expected_speedup) for policy in candidates]
     return sorted(best_per_policy, key=lambda f: -f.expected_speedup)[:keep]
 
