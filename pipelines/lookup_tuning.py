@@ -20,8 +20,8 @@
    once. An average over every position over-rates the chain: inside a repeated passage (greedy replies loop)
    each position accepts a whole chain, where a decode takes one step per chain.
 
-Approximations: where the tuner measured only some positions of a sample, a step lands on the next measured
-position at or after L + a + 1; a chain-only step leaves the next drafter pass more positions to read, not
+Approximations: the tuner measures consecutive positions from a reply's start, and a sample's walk ends at the
+last one (or, where a reply has a gap, lands on the next measured position after L + a + 1); a chain-only step leaves the next drafter pass more positions to read, not
 costed; chains near a sample's end are cut by the stored reply.
 """
 

@@ -90,7 +90,9 @@ class AcceptanceStats:
 
 
 def decoding_positions(loss_mask: np.ndarray, depth: int, block_size: int, quota: int) -> list[int]:
-    """Up to `quota` evenly spread L where the root x_L and depths 1..depth are all reply (loss) tokens."""
+    """Up to `quota` consecutive L from the first where the root x_L and depths 1..depth are all reply (loss)
+    tokens: consecutive, so that the lookup tuning can walk a decode through them (a sample of spread positions
+    would count one step per gap where a decode accepting little takes several)."""
     mask = np.asarray(loss_mask, dtype=bool)
     length = len(mask)
     if length < depth + 1:
@@ -99,9 +101,7 @@ def decoding_positions(loss_mask: np.ndarray, depth: int, block_size: int, quota
     window = np.lib.stride_tricks.sliding_window_view(mask, depth + 1).all(-1)  # (length - depth,)
     candidates = np.flatnonzero(window)
     candidates = candidates[candidates >= block_size]  # pass 0 needs a full block of known positions
-    if len(candidates) > quota:
-        candidates = candidates[np.linspace(0, len(candidates) - 1, quota).round().astype(int)]
-    return candidates.tolist()
+    return candidates[:quota].tolist()
 
 
 @torch.inference_mode()
