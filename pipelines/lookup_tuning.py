@@ -21,8 +21,9 @@
    each position accepts a whole chain, where a decode takes one step per chain.
 
 Approximations: the tuner measures consecutive positions from a reply's start, and a sample's walk ends at the
-last one (or, where a reply has a gap, lands on the next measured position after L + a + 1); a chain-only step leaves the next drafter pass more positions to read, not
-costed; chains near a sample's end are cut by the stored reply.
+last one (or, where a reply has a gap, lands on the next measured position after L + a + 1); a chain-only step
+leaves the next drafter pass more positions to read, not costed; chains near a sample's end are cut by the
+stored reply.
 """
 
 from __future__ import annotations
@@ -97,8 +98,8 @@ class ChainReplay:
     _following: dict[int, np.ndarray] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        later_sample, later_position = np.diff(self.samples) > 0, np.diff(self.positions) > 0
-        if not (later_sample | ((np.diff(self.samples) == 0) & later_position)).all():
+        sample_step, position_step = np.diff(self.samples), np.diff(self.positions)
+        if not ((sample_step > 0) | ((sample_step == 0) & (position_step > 0))).all():
             raise ValueError("replay positions must be ordered by (sample, position) without repeats")
 
     def first_positions(self) -> np.ndarray:
@@ -116,10 +117,8 @@ class ChainReplay:
             stride = int(self.positions.max()) + max_accepted + 2  # keys of one sample stay below the next's
             keys = self.samples * stride + self.positions  # (P,) ascending
             following = np.searchsorted(keys, keys[:, None] + np.arange(max_accepted + 1)[None] + 1)  # (P, A + 1)
-            inside = following < self.num_positions
-            inside[inside] = self.samples[following[inside]] == np.broadcast_to(self.samples[:, None],
-                                                                                following.shape)[inside]
-            following[~inside] = self.num_positions
+            same_sample = self.samples[np.minimum(following, self.num_positions - 1)] == self.samples[:, None]
+            following[(following == self.num_positions) | ~same_sample] = self.num_positions
             self._following[max_accepted] = np.concatenate(
                 [following, np.full((1, max_accepted + 1), self.num_positions)])
         return self._following[max_accepted]
@@ -128,8 +127,8 @@ class ChainReplay:
     def concatenate(cls, parts: Sequence[ChainReplay], max_chain: int) -> ChainReplay:
         """The parts' positions in order, each part a sample of its own."""
         empty = np.zeros(0, dtype=np.int64)
-        return cls(*(np.concatenate([getattr(p, name) for p in parts] or [empty])
-                     for name in ("match_length", "agreed")), max_chain,
+        return cls(np.concatenate([p.match_length for p in parts] or [empty]),
+                   np.concatenate([p.agreed for p in parts] or [empty]), max_chain,
                    np.concatenate([np.full(len(p.positions), i, dtype=np.int64) for i, p in enumerate(parts)]
                                   or [empty]),
                    np.concatenate([p.positions for p in parts] or [empty]))
