@@ -69,7 +69,17 @@ def budgets_of(cfg: ExtractConfig, prompts: list[list[int]]) -> list[int]:
 
 
 def two_pass(model, tokenizer, cfg: ExtractConfig, prompts, batch_size: int) -> tuple[float, int]:
-    """(seconds, reply tokens): batched `generate` per shard, then one forward over each prompt + reply."""
+    """(seconds, reply tokens): batched `generate` per shard, then one forward over each prompt + reply, with
+    transformers' own attention and cache, as the extraction worked before."""
+    implementation = model.config._attn_implementation
+    model.set_attn_implementation("sdpa")
+    try:
+        return _two_pass(model, tokenizer, cfg, prompts, batch_size)
+    finally:
+        model.set_attn_implementation(implementation)
+
+
+def _two_pass(model, tokenizer, cfg: ExtractConfig, prompts, batch_size: int) -> tuple[float, int]:
     decoder, _, lm_head = target_parts(model)
     eos, budgets = sorted(eos_token_ids(model, tokenizer)), budgets_of(cfg, prompts)
     started, reply_tokens = time.perf_counter(), 0

@@ -4,6 +4,7 @@ features of one forward over prompt + reply, on tiny fp32 Llama and Qwen2 target
 import pytest
 import torch
 
+from falcon.decode_kernels import GROUPED_DECODE
 from falcon.generate import autoregressive_generate
 from falcon.target import target_parts
 from pipelines.extract.target_features import (
@@ -23,9 +24,11 @@ def prompt_set(vocab_size: int, n: int = 7) -> list[list[int]]:
             for length in (1, 4, 9, 3, 17, 9, 30)[:n]]
 
 
+@pytest.mark.parametrize("attention", ["sdpa", GROUPED_DECODE])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_replies_are_plain_greedy_and_features_those_of_one_forward(family):
+def test_replies_are_plain_greedy_and_features_those_of_one_forward(family, attention):
     model = tiny_causal_lm(family, seed=3)
+    model.set_attn_implementation(attention)  # the extraction actor's target runs grouped_decode
     decoder, _, lm_head = target_parts(model)
     prompts = prompt_set(model.config.vocab_size)
     budgets = [2 + 3 * i for i in range(len(prompts))]  # finished rows leave the batch at different steps

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from falcon.decode_kernels import GROUPED_DECODE
 from falcon.generate import SamplingConfig, autoregressive_generate
 from falcon.target import describe_target, eos_token_ids, load_target, target_fingerprint, target_parts
 from feature_store import StoreMetadata
@@ -36,9 +37,9 @@ def load_actor_target(cfg: ExtractConfig, pool: ActorPoolConfig, expect_fingerpr
     """The target for one actor, checked to be the store's target (a node may hold another copy)."""
     if pool.torch_threads is not None:
         torch.set_num_threads(pool.torch_threads)
-    model, tokenizer = load_target(
-        cfg.target, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code
-    )
+    # grouped_decode: the batched greedy decode's one-token steps without torch's slow bf16 CPU SDPA kernel
+    model, tokenizer = load_target(cfg.target, device=cfg.device, dtype=cfg.dtype,
+                                   trust_remote_code=cfg.trust_remote_code, attn_implementation=GROUPED_DECODE)
     if expect_fingerprint is not None and target_fingerprint(model, tokenizer) != expect_fingerprint:
         raise ExtractError(
             f"target {cfg.target!r} on this worker has fingerprint {target_fingerprint(model, tokenizer)}, "

@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import DynamicCache
+
+from falcon.decode_kernels import growing_cache
 
 LOGITS_CHUNK_BYTES = 1 << 26  # float32 logits computed at once (64 MiB)
 
@@ -128,7 +129,7 @@ def _decode_batch(decoder, lm_head, prompts, budgets, eos_token_ids: set[int], t
     input_ids, attention_mask = left_padded(prompts, 0, device)  # (n, longest)
     n, longest = input_ids.shape
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (n, longest): each prompt starts at 0
-    cache = DynamicCache()
+    cache = growing_cache()
     hidden_states = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                             past_key_values=cache, use_cache=True).last_hidden_state  # (n, longest, h)
     prompt_features = [hidden_states[row, longest - len(prompt):] for row, prompt in enumerate(prompts)]
