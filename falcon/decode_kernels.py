@@ -48,7 +48,8 @@ ALL_MASK_ATTENTION_FUNCTIONS.register(GROUPED_DECODE, sdpa_mask)
 
 class GrowingLayer(DynamicLayer):
     """A cache layer that hands attention its whole (B, KV, capacity, D) buffers, like transformers' StaticLayer,
-    but grows them (by `spare_tokens` past what is needed) and can drop rows like a DynamicLayer.
+    but grows them (by `spare_tokens` past what is needed). Row selection and reset are DynamicLayer's: they act on
+    the whole buffers, which is what `keys` and `values` hold.
 
     Slots past the cached length are zeros or stale entries, always finite; the mask hides them (get_mask_sizes
     reports the capacity, and the padding mask is padded with False up to it). Handing attention a view of the
@@ -101,19 +102,6 @@ class GrowingLayer(DynamicLayer):
             raise ValueError(f"crop takes a negative count of tokens to drop, got {tokens_to_remove}")
         if self.is_initialized:
             self.length = max(0, self.length + tokens_to_remove)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.get_seq_length() > 0:
-            self.keys, self.values = self.keys[indices], self.values[indices]
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.get_seq_length() > 0:
-            self.keys = self.keys.repeat_interleave(repeats, dim=0)
-            self.values = self.values.repeat_interleave(repeats, dim=0)
-
-    def reset(self) -> None:
-        super().reset()
-        self.length = 0
 
 
 def growing_cache() -> DynamicCache:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from falcon.decode_kernels import GROUPED_DECODE, GrowingLayer, grouped_decode_attention, growing_cache
+from pipelines.extract.target_features import left_padded
 from tests.conftest import tiny_causal_lm
 
 
@@ -42,9 +43,7 @@ def test_several_query_tokens_go_to_sdpa():
 
 def _decode(model, cache, prompts, steps, drop_after=None, crop_at=None):
     """Left-padded batched greedy decode; returns each row's logits per step (rows dropped stay dropped)."""
-    longest = max(map(len, prompts))
-    input_ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
-    attention_mask = (torch.arange(longest)[None] >= torch.tensor([longest - len(p) for p in prompts])[:, None]).long()
+    input_ids, attention_mask = left_padded(prompts, 0, "cpu")
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache)
     logits, rows, position, history = out.logits[:, -1], list(range(len(prompts))), positions[:, -1:], []
